@@ -1,0 +1,213 @@
+//! The driver contract: what every protocol, format and filter driver provides.
+//!
+//! Drivers expose raw operations and facts; bounds checks, alignment (read-modify-write),
+//! splitting by `max_transfer`, serialisation, in-flight tracking and before-write hooks live
+//! once, in the request path of [`crate::node::BlockNode`]. A driver may therefore assume every
+//! request it receives is inside `[0, len())`, aligned to `facts().request_alignment` and no
+//! longer than `facts().max_transfer`.
+//!
+//! Optional features are capability traits reached through `as_*` accessors returning `None`
+//! by default (compressed writes, copy offload).
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+
+use crate::buf::IoVec;
+use crate::error::Result;
+use crate::node::Child;
+
+/// Facts a driver states about itself; the request path obeys them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Facts {
+    /// Offsets and lengths of reads and writes must be multiples of this (1 = any byte).
+    pub request_alignment: u32,
+    /// Memory alignment the driver needs for buffers (O_DIRECT); the engine bounces otherwise.
+    pub memory_alignment: u32,
+    /// Largest request the driver accepts in one call; the request path splits larger ones.
+    pub max_transfer: u32,
+    /// The format's allocation unit, when it has one (qcow2 cluster size).
+    pub cluster_size: Option<u32>,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self {
+            request_alignment: 1,
+            memory_alignment: 1,
+            max_transfer: 32 << 20,
+            cluster_size: None,
+        }
+    }
+}
+
+/// Options of a write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is on stable storage when the write completes.
+    pub fua: bool,
+}
+
+/// Options of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (punched, unmapped) as long as it reads back as zero.
+    pub may_unmap: bool,
+    /// Fail with `Unsupported` rather than write explicit zeroes when there is no fast way.
+    pub no_fallback: bool,
+    /// Force unit access.
+    pub fua: bool,
+}
+
+/// What a range of a node holds, as answered by block status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// How many bytes from the queried offset share this status (> 0).
+    pub len: u64,
+    /// This layer defines the content (false: it comes from the backing chain, or reads as zero
+    /// when there is none).
+    pub allocated: bool,
+    /// The layer stores data bytes for the range.
+    pub data: bool,
+    /// The range is known to read as zero.
+    pub zero: bool,
+    /// The data is stored compressed.
+    pub compressed: bool,
+    /// Where the bytes live in the node's `file` child, when they live there contiguously.
+    pub host_offset: Option<u64>,
+}
+
+impl BlockStatus {
+    /// Plain data, allocated here, mapped at `host_offset`.
+    pub fn data(len: u64, host_offset: Option<u64>) -> Self {
+        Self {
+            len,
+            allocated: true,
+            data: true,
+            zero: false,
+            compressed: false,
+            host_offset,
+        }
+    }
+
+    /// Allocated here and reading as zero.
+    pub fn zero(len: u64, host_offset: Option<u64>) -> Self {
+        Self {
+            len,
+            allocated: true,
+            data: false,
+            zero: true,
+            compressed: false,
+            host_offset,
+        }
+    }
+
+    /// Not allocated in this layer.
+    pub fn unallocated(len: u64) -> Self {
+        Self {
+            len,
+            allocated: false,
+            data: false,
+            zero: false,
+            compressed: false,
+            host_offset: None,
+        }
+    }
+}
+
+/// A value in [`ImageInfo::specific`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InfoValue {
+    /// A string.
+    Str(String),
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+}
+
+/// Format-specific facts shown by `info` (the `format-specific` object of `qemu-img info`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Format name (`qcow2`, `raw`, `file`, …).
+    pub format: &'static str,
+    /// The backing file name as recorded in the image.
+    pub backing_file: Option<String>,
+    /// The backing format as recorded in the image.
+    pub backing_format: Option<String>,
+    /// The format's `dirty-flag`.
+    pub dirty: bool,
+    /// `format-specific.data` members, in display order.
+    pub specific: Vec<(&'static str, InfoValue)>,
+}
+
+/// The contract of a block driver. See the module docs for what the request path guarantees.
+#[async_trait]
+#[allow(clippy::len_without_is_empty)]
+pub trait BlockDriver: Send + Sync + fmt::Debug {
+    /// The driver name as QEMU spells it (`file`, `raw`, `qcow2`, `null-co`).
+    fn driver_name(&self) -> &'static str;
+
+    /// Length of the node in bytes.
+    fn len(&self) -> u64;
+
+    /// Facts the request path obeys.
+    fn facts(&self) -> Facts {
+        Facts::default()
+    }
+
+    /// Child edges with their roles (file, backing).
+    fn children(&self) -> Vec<Arc<Child>> {
+        Vec::new()
+    }
+
+    /// Whether the node was opened for writing.
+    fn writable(&self) -> bool;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` and hands it back.
+    async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut>;
+
+    /// Writes `data` at `offset`.
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()>;
+
+    /// Makes `[offset, offset+len)` read as zero.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
+
+    /// Hints that `[offset, offset+len)` is no longer needed. Contents afterwards are unspecified
+    /// (drivers that deallocate make them read as zero or as the backing file).
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// What `[offset, offset+len)` holds, from `offset` on; the answer may cover less than `len`.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// Flushes and releases what the driver holds (marks images clean). Called once, last.
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+
+    /// Facts for `info`.
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo {
+            format: self.driver_name(),
+            ..ImageInfo::default()
+        }
+    }
+
+    /// The compressed-write capability, when the format has one.
+    fn as_compressed_writer(&self) -> Option<&dyn CompressedWrite> {
+        None
+    }
+}
+
+/// Capability: writing whole clusters compressed.
+#[async_trait]
+pub trait CompressedWrite: Send + Sync {
+    /// Writes `data`, exactly one cluster (or the final partial cluster) at a cluster-aligned
+    /// `offset`, compressed when that saves space.
+    async fn write_compressed(&self, offset: u64, data: bytes::Bytes) -> Result<()>;
+}

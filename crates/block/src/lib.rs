@@ -1,0 +1,34 @@
+//! blockjob's block layer.
+//!
+//! ```text
+//!  BlockBackend (exports, jobs)          Graph (node-names)
+//!        │ root edge                        │ insert_filter / replace_node
+//!        ▼                                  ▼
+//!  BlockNode ──request path──▶ dyn BlockDriver ──Child edges──▶ BlockNode …
+//!   (drain gate, bounds, hooks,     (file, raw, qcow2, null-co: in the `drivers` crate)
+//!    alignment/RMW, range locks)
+//!        │
+//!        ▼
+//!  IoEngine (thread pool today; io_uring can slot in) ── syscalls on owned fds and buffers
+//! ```
+//!
+//! Drivers state facts and answer raw operations; everything generic lives once in the request
+//! path ([`node`]). Block status is the one primitive behind reads of sparse images, `map`, and
+//! (later) sync modes and zero skipping ([`map`]).
+
+pub mod backend;
+pub mod buf;
+pub mod drain;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod graph;
+pub mod map;
+pub mod node;
+pub mod range_lock;
+
+pub use backend::BlockBackend;
+pub use buf::IoVec;
+pub use driver::{BlockDriver, BlockStatus, Facts, ImageInfo, InfoValue, WriteFlags, ZeroFlags};
+pub use error::{BlockError, ErrorKind, Result, ResultExt};
+pub use node::{BlockNode, Child, ChildRole};

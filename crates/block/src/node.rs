@@ -1,0 +1,720 @@
+//! Nodes, child edges, and the one request path every I/O goes through.
+//!
+//! ```text
+//!   BlockBackend / parent driver
+//!          │  Child edge (role: root, file, backing, filtered) — re-pointable
+//!          ▼
+//!   BlockNode ── request path: drain gate → bounds → read-only → before-write hooks
+//!          │                   → alignment (RMW under an exclusive range lock) → max_transfer split
+//!          ▼
+//!   dyn BlockDriver (file, raw, qcow2, null-co, …)
+//! ```
+//!
+//! Requests through a [`Child`] enter the gate of the node the edge points to and re-check the
+//! edge afterwards: a request queued at a drained node while the graph re-points the edge goes
+//! to the new node, never to the old one. That is what makes inserting a filter atomic.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::buf::IoVec;
+use crate::drain::{DrainGate, Drained, InFlight};
+use crate::driver::{BlockDriver, BlockStatus, Facts, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, ErrorKind, Result};
+use crate::range_lock::{LockMode, RangeLocks};
+
+/// The role of a child edge, as QEMU names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChildRole {
+    /// The protocol layer under a format (`file`).
+    File,
+    /// The backing image of a format (`backing`).
+    Backing,
+    /// The one child of a filter node.
+    Filtered,
+    /// A backend's edge to its root node (exports, jobs).
+    Root,
+}
+
+impl ChildRole {
+    /// QEMU's name for the role.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::Filtered => "filtered",
+            ChildRole::Root => "root",
+        }
+    }
+}
+
+/// What kind of modification a before-write hook is told about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Data write.
+    Write,
+    /// Write-zeroes.
+    Zeroes,
+    /// Discard.
+    Discard,
+}
+
+/// Called before any modification reaches the driver of a node, whoever issues it. Dirty
+/// bitmaps and copy-before-write plug in here. An error fails the write.
+#[async_trait]
+pub trait BeforeWriteHook: Send + Sync + fmt::Debug {
+    /// `[offset, offset+len)` of the node is about to change.
+    async fn before_write(&self, offset: u64, len: u64, kind: WriteKind) -> Result<()>;
+}
+
+/// A directed edge from a parent (driver or backend) to a node.
+pub struct Child {
+    role: ChildRole,
+    node: RwLock<Arc<BlockNode>>,
+}
+
+impl fmt::Debug for Child {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Child")
+            .field("role", &self.role)
+            .field("node", &self.node().name())
+            .finish()
+    }
+}
+
+/// A node of the block graph: a driver plus the request path state.
+pub struct BlockNode {
+    name: String,
+    driver: Arc<dyn BlockDriver>,
+    facts: Facts,
+    gate: DrainGate,
+    locks: RangeLocks,
+    hooks: RwLock<Vec<Arc<dyn BeforeWriteHook>>>,
+    parents: Mutex<Vec<Weak<Child>>>,
+}
+
+impl fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("driver", &self.driver.driver_name())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Child {
+    /// A new edge of `role` to `node`, registered as one of its parents.
+    pub fn new(role: ChildRole, node: Arc<BlockNode>) -> Arc<Child> {
+        let child = Arc::new(Child {
+            role,
+            node: RwLock::new(node.clone()),
+        });
+        lock(&node.parents).push(Arc::downgrade(&child));
+        child
+    }
+
+    /// The role of the edge.
+    pub fn role(&self) -> ChildRole {
+        self.role
+    }
+
+    /// The node the edge points to right now.
+    pub fn node(&self) -> Arc<BlockNode> {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Points the edge at `new`. Callers hold a drained section on the old node.
+    pub(crate) fn repoint(self: &Arc<Self>, new: &Arc<BlockNode>) {
+        let old = {
+            let mut slot = self.node.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *slot, new.clone())
+        };
+        lock(&old.parents).retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), &**self));
+        lock(&new.parents).push(Arc::downgrade(self));
+    }
+
+    /// Enters the request gate of the current target, re-checking the edge after waiting.
+    async fn enter(&self) -> (Arc<BlockNode>, InFlight) {
+        loop {
+            let node = self.node();
+            let in_flight = node.gate.enter().await;
+            if Arc::ptr_eq(&node, &self.node()) {
+                return (node, in_flight);
+            }
+        }
+    }
+
+    /// Reads through the edge; see [`BlockNode::read`].
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let (node, _in) = self.enter().await;
+        node.read_entered(offset, len).await
+    }
+
+    /// Reads into `buf` through the edge; see [`BlockNode::read_into`].
+    pub async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        let (node, _in) = self.enter().await;
+        node.read_into_entered(offset, buf).await
+    }
+
+    /// Writes through the edge; see [`BlockNode::write`].
+    pub async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let (node, _in) = self.enter().await;
+        node.write_entered(offset, data, flags).await
+    }
+
+    /// Write-zeroes through the edge.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let (node, _in) = self.enter().await;
+        node.write_zeroes_entered(offset, len, flags).await
+    }
+
+    /// Discard through the edge.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let (node, _in) = self.enter().await;
+        node.discard_entered(offset, len).await
+    }
+
+    /// Flush through the edge.
+    pub async fn flush(&self) -> Result<()> {
+        let (node, _in) = self.enter().await;
+        node.driver.flush().await
+    }
+
+    /// Block status through the edge.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let (node, _in) = self.enter().await;
+        node.block_status_entered(offset, len).await
+    }
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x - x % a
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl BlockNode {
+    /// A node named `name` over `driver`.
+    pub fn new(name: impl Into<String>, driver: Arc<dyn BlockDriver>) -> Arc<BlockNode> {
+        let mut facts = driver.facts();
+        facts.request_alignment = facts.request_alignment.max(1);
+        facts.max_transfer = match facts.max_transfer {
+            0 => 32 << 20,
+            n => n.max(facts.request_alignment),
+        };
+        Arc::new(BlockNode {
+            name: name.into(),
+            driver,
+            facts,
+            gate: DrainGate::new(),
+            locks: RangeLocks::new(),
+            hooks: RwLock::new(Vec::new()),
+            parents: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The node-name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
+        &self.driver
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.driver.len()
+    }
+
+    /// True for a zero-length node.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Facts of the driver, as the request path applies them.
+    pub fn facts(&self) -> Facts {
+        self.facts
+    }
+
+    /// The node's child in `role`, if any.
+    pub fn child(&self, role: ChildRole) -> Option<Arc<Child>> {
+        self.driver
+            .children()
+            .into_iter()
+            .find(|c| c.role() == role)
+    }
+
+    /// The parent edges pointing at this node right now.
+    pub fn parents(&self) -> Vec<Arc<Child>> {
+        lock(&self.parents)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Requests in flight on this node.
+    pub fn in_flight(&self) -> usize {
+        self.gate.in_flight()
+    }
+
+    /// Begins a drained section on this node.
+    pub async fn drain(&self) -> Drained {
+        self.gate.drain().await
+    }
+
+    /// Adds a before-write hook.
+    pub fn add_hook(&self, hook: Arc<dyn BeforeWriteHook>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    /// Removes a hook added with [`add_hook`](Self::add_hook).
+    pub fn remove_hook(&self, hook: &Arc<dyn BeforeWriteHook>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.len();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::new(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "request at offset {offset} length {len} is past the end of node '{}' ({size} bytes)",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.driver.writable() {
+            Ok(())
+        } else {
+            Err(BlockError::read_only(format!(
+                "node '{}' is read-only",
+                self.name
+            )))
+        }
+    }
+
+    async fn run_hooks(&self, offset: u64, len: u64, kind: WriteKind) -> Result<()> {
+        let hooks = self.hooks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for hook in hooks {
+            hook.before_write(offset, len, kind).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let _in = self.gate.enter().await;
+        self.read_entered(offset, len).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        let _in = self.gate.enter().await;
+        self.read_into_entered(offset, buf).await
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let _in = self.gate.enter().await;
+        self.write_entered(offset, data, flags).await
+    }
+
+    /// Makes `[offset, offset+len)` read as zero.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let _in = self.gate.enter().await;
+        self.write_zeroes_entered(offset, len, flags).await
+    }
+
+    /// Discards `[offset, offset+len)` (the aligned interior of it).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _in = self.gate.enter().await;
+        self.discard_entered(offset, len).await
+    }
+
+    /// Flushes the node.
+    pub async fn flush(&self) -> Result<()> {
+        let _in = self.gate.enter().await;
+        self.driver.flush().await
+    }
+
+    /// Block status of `[offset, offset+len)` from `offset` on.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let _in = self.gate.enter().await;
+        self.block_status_entered(offset, len).await
+    }
+
+    /// Flushes and closes the driver; waits for requests in flight first.
+    pub async fn close(&self) -> Result<()> {
+        let _drained = self.gate.drain().await;
+        self.driver.close().await
+    }
+
+    async fn read_entered(&self, offset: u64, len: usize) -> Result<Bytes> {
+        Ok(self
+            .read_into_entered(offset, BytesMut::zeroed(len))
+            .await?
+            .freeze())
+    }
+
+    async fn read_into_entered(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
+        let len = buf.len() as u64;
+        self.check_bounds(offset, len)?;
+        if len == 0 {
+            return Ok(buf);
+        }
+        let align = u64::from(self.facts.request_alignment);
+        let (start, end) = (align_down(offset, align), align_up(offset + len, align));
+        if start == offset && end == offset + len {
+            return self.read_chunks(offset, buf).await;
+        }
+        let padded = self
+            .read_chunks(start, BytesMut::zeroed((end - start) as usize))
+            .await?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&padded[skip..skip + len as usize]);
+        Ok(buf)
+    }
+
+    /// Reads an aligned range, split by `max_transfer`, into `buf`.
+    async fn read_chunks(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
+        let max = self.facts.max_transfer as usize;
+        if buf.len() <= max {
+            return self.driver.read(offset, buf).await;
+        }
+        let mut done = BytesMut::new();
+        let mut at = offset;
+        while !buf.is_empty() {
+            let rest = buf.split_off(buf.len().min(max));
+            let chunk = self.driver.read(at, buf).await?;
+            at += chunk.len() as u64;
+            done.unsplit(chunk);
+            buf = rest;
+        }
+        Ok(done)
+    }
+
+    async fn write_entered(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_writable()?;
+        self.check_bounds(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run_hooks(offset, len, WriteKind::Write).await?;
+        let align = u64::from(self.facts.request_alignment);
+        if align == 1 {
+            return self.write_chunks(offset, data, flags).await;
+        }
+        let (start, end) = (align_down(offset, align), align_up(offset + len, align));
+        if start == offset && end == offset + len {
+            let _shared = self.locks.lock(start, end - start, LockMode::Shared).await;
+            return self.write_chunks(offset, data, flags).await;
+        }
+        // Read-modify-write: no overlapping write may run between our read and our write.
+        let _excl = self
+            .locks
+            .lock(start, end - start, LockMode::Exclusive)
+            .await;
+        let mut padded = IoVec::new();
+        if start < offset {
+            let head = self
+                .driver
+                .read(start, BytesMut::zeroed(align as usize))
+                .await?
+                .freeze();
+            padded.push(head.slice(..(offset - start) as usize));
+        }
+        padded.push(data.to_bytes());
+        if offset + len < end {
+            let tail_start = end - align;
+            let tail = self
+                .driver
+                .read(tail_start, BytesMut::zeroed(align as usize))
+                .await?;
+            padded.push(tail.freeze().slice((offset + len - tail_start) as usize..));
+        }
+        self.write_chunks(start, padded, flags).await
+    }
+
+    async fn write_chunks(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let max = self.facts.max_transfer as usize;
+        if data.len() <= max {
+            return self.driver.write(offset, data, flags).await;
+        }
+        let mut at = 0;
+        while at < data.len() {
+            let n = (data.len() - at).min(max);
+            self.driver
+                .write(offset + at as u64, data.slice(at, n), flags)
+                .await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes_entered(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_bounds(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run_hooks(offset, len, WriteKind::Zeroes).await?;
+        let align = u64::from(self.facts.request_alignment);
+        let (start, end) = (align_up(offset, align), align_down(offset + len, align));
+        if start >= end {
+            return self.write_explicit_zeroes(offset, len).await;
+        }
+        if offset < start {
+            self.write_explicit_zeroes(offset, start - offset).await?;
+        }
+        {
+            let _shared = if align > 1 {
+                Some(self.locks.lock(start, end - start, LockMode::Shared).await)
+            } else {
+                None
+            };
+            self.driver.write_zeroes(start, end - start, flags).await?;
+        }
+        if end < offset + len {
+            self.write_explicit_zeroes(end, offset + len - end).await?;
+        }
+        Ok(())
+    }
+
+    /// Unaligned edges of write-zeroes go through the normal (read-modify-)write path.
+    async fn write_explicit_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let zeroes = IoVec::from(vec![0u8; len as usize]);
+        Box::pin(self.write_entered_nohooks(offset, zeroes)).await
+    }
+
+    async fn write_entered_nohooks(&self, offset: u64, data: IoVec) -> Result<()> {
+        let align = u64::from(self.facts.request_alignment);
+        let len = data.len() as u64;
+        let (start, end) = (align_down(offset, align), align_up(offset + len, align));
+        let _excl = self
+            .locks
+            .lock(start, end - start, LockMode::Exclusive)
+            .await;
+        let mut padded = self
+            .driver
+            .read(start, BytesMut::zeroed((end - start) as usize))
+            .await?;
+        let skip = (offset - start) as usize;
+        padded[skip..skip + len as usize].copy_from_slice(&data.to_bytes());
+        self.driver
+            .write(start, IoVec::from(padded.freeze()), WriteFlags::default())
+            .await
+    }
+
+    async fn discard_entered(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_bounds(offset, len)?;
+        let align = u64::from(self.facts.request_alignment);
+        let (start, end) = (align_up(offset, align), align_down(offset + len, align));
+        if start >= end {
+            return Ok(());
+        }
+        self.run_hooks(start, end - start, WriteKind::Discard)
+            .await?;
+        let _excl = if align > 1 {
+            Some(
+                self.locks
+                    .lock(start, end - start, LockMode::Exclusive)
+                    .await,
+            )
+        } else {
+            None
+        };
+        self.driver.discard(start, end - start).await
+    }
+
+    async fn block_status_entered(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let size = self.len();
+        if offset >= size || len == 0 {
+            return Err(BlockError::new(
+                ErrorKind::OutOfBounds,
+                format!(
+                    "block status at offset {offset} of node '{}' ({size} bytes)",
+                    self.name
+                ),
+            ));
+        }
+        let want = len.min(size - offset);
+        let mut status = self.driver.block_status(offset, want).await?;
+        if status.len == 0 {
+            return Err(BlockError::corrupt(format!(
+                "driver '{}' answered an empty block status at {offset}",
+                self.driver.driver_name()
+            )));
+        }
+        status.len = status.len.min(want);
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::zeroed;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A memory driver with a 512-byte alignment, to exercise RMW.
+    #[derive(Debug)]
+    struct Mem {
+        data: Mutex<Vec<u8>>,
+        align: u32,
+    }
+
+    #[async_trait]
+    impl BlockDriver for Mem {
+        fn driver_name(&self) -> &'static str {
+            "mem"
+        }
+        fn len(&self) -> u64 {
+            lock(&self.data).len() as u64
+        }
+        fn facts(&self) -> Facts {
+            Facts {
+                request_alignment: self.align,
+                max_transfer: 4096,
+                ..Facts::default()
+            }
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        async fn read(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
+            assert_eq!(offset % u64::from(self.align), 0);
+            assert_eq!(buf.len() % self.align as usize, 0);
+            assert!(buf.len() <= 4096);
+            let d = lock(&self.data);
+            let n = buf.len();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + n]);
+            Ok(buf)
+        }
+        async fn write(&self, offset: u64, data: IoVec, _: WriteFlags) -> Result<()> {
+            assert_eq!(offset % u64::from(self.align), 0);
+            assert_eq!(data.len() % self.align as usize, 0);
+            assert!(data.len() <= 4096);
+            let b = data.to_bytes();
+            lock(&self.data)[offset as usize..offset as usize + b.len()].copy_from_slice(&b);
+            Ok(())
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64, _: ZeroFlags) -> Result<()> {
+            lock(&self.data)[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        async fn discard(&self, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
+            Ok(BlockStatus::data(len, None))
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Count(AtomicU64);
+
+    #[async_trait]
+    impl BeforeWriteHook for Count {
+        async fn before_write(&self, _: u64, len: u64, _: WriteKind) -> Result<()> {
+            self.0.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn mem(len: usize) -> Arc<BlockNode> {
+        BlockNode::new(
+            "m",
+            Arc::new(Mem {
+                data: Mutex::new(vec![0; len]),
+                align: 512,
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn unaligned_io_is_read_modify_write() {
+        let node = mem(16384);
+        node.write(100, IoVec::from(vec![7u8; 9000]), WriteFlags::default())
+            .await
+            .expect("w");
+        let all = node.read(0, 16384).await.expect("r");
+        assert!(all[..100].iter().all(|&b| b == 0));
+        assert!(all[100..9100].iter().all(|&b| b == 7));
+        assert!(all[9100..].iter().all(|&b| b == 0));
+        node.write_zeroes(101, 1000, ZeroFlags::default())
+            .await
+            .expect("z");
+        let part = node.read(99, 1003).await.expect("r");
+        assert_eq!(part[0], 0);
+        assert_eq!(part[1], 7);
+        assert!(part[2..1002].iter().all(|&b| b == 0));
+        assert_eq!(part[1002], 7);
+    }
+
+    #[tokio::test]
+    async fn bounds_and_hooks() {
+        let node = mem(4096);
+        let hook = Arc::new(Count::default());
+        node.add_hook(hook.clone());
+        let err = node.read(4000, 100).await.expect_err("past the end");
+        assert_eq!(err.kind(), ErrorKind::OutOfBounds);
+        assert!(node.read_into(u64::MAX, zeroed(2)).await.is_err());
+        node.write(0, IoVec::from(vec![1u8; 10]), WriteFlags::default())
+            .await
+            .expect("w");
+        node.write_zeroes(0, 512, ZeroFlags::default())
+            .await
+            .expect("z");
+        assert_eq!(hook.0.load(Ordering::Relaxed), 522);
+        let h: Arc<dyn BeforeWriteHook> = hook.clone();
+        node.remove_hook(&h);
+        node.write(0, IoVec::from(vec![1u8; 10]), WriteFlags::default())
+            .await
+            .expect("w");
+        assert_eq!(hook.0.load(Ordering::Relaxed), 522);
+    }
+
+    #[tokio::test]
+    async fn child_edge_follows_repoint() {
+        let a = mem(4096);
+        let b = mem(4096);
+        let edge = Child::new(ChildRole::Root, a.clone());
+        assert_eq!(a.parents().len(), 1);
+        edge.write(0, IoVec::from(vec![5u8; 512]), WriteFlags::default())
+            .await
+            .expect("w");
+        {
+            let _d = a.drain().await;
+            edge.repoint(&b);
+        }
+        assert_eq!(a.parents().len(), 0);
+        assert_eq!(b.parents().len(), 1);
+        assert_eq!(edge.read(0, 1).await.expect("r")[0], 0, "reads now reach b");
+    }
+}
