@@ -30,6 +30,9 @@ pub struct Facts {
     pub max_transfer: u32,
     /// The format's allocation unit, when it has one (qcow2 cluster size).
     pub cluster_size: Option<u32>,
+    /// Writes past the end extend the node (a protocol node under a format); reads past the
+    /// end return zeroes.
+    pub growable: bool,
 }
 
 impl Default for Facts {
@@ -39,6 +42,7 @@ impl Default for Facts {
             memory_alignment: 1,
             max_transfer: 32 << 20,
             cluster_size: None,
+            growable: false,
         }
     }
 }

@@ -292,7 +292,7 @@ impl BlockNode {
     fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.len();
         match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
+            Some(end) if end <= size || (self.facts.growable && end <= i64::MAX as u64) => Ok(()),
             _ => Err(BlockError::new(
                 ErrorKind::OutOfBounds,
                 format!(

@@ -1,0 +1,19 @@
+//! blockjob's block drivers.
+//!
+//! ```text
+//!  open_image(path, format) ──▶ qcow2 ──file──▶ file        (backing chains: qcow2 ──backing──▶ …)
+//!                          └──▶ raw ───file──▶ file
+//!  null-co: standalone
+//! ```
+//!
+//! Protocol drivers (`file`) talk to the host through the block crate's I/O engine; format
+//! drivers (`raw`, `qcow2`) reach their `file` child only through child edges, so every request
+//! they make goes through the generic request path.
+
+pub mod file;
+pub mod null;
+pub mod open;
+pub mod qcow2;
+pub mod raw;
+
+pub use open::{open_image, probe_format, Format, OpenOptions};

@@ -1,0 +1,742 @@
+//! qcow2 metadata: the L1 table, a write-back L2 cache, refcounts and the cluster allocator.
+//!
+//! All of it lives behind one async mutex in the driver; data I/O happens outside it.
+//!
+//! Ordering rules that keep the image consistent if the process dies at any point:
+//! - a refcount increase is written before any L2 or L1 entry that uses the cluster
+//!   (L2 write-back first writes dirty refcount blocks, then syncs, then the L2 tables);
+//! - a new L2 table is written, with its refcount, before the L1 entry pointing to it;
+//! - a refcount *decrease* is applied only after the L2 entry that dropped the reference is
+//!   written (the caller writes the entry through, then frees); the next refcount write-back
+//!   syncs first, so the drop is durable before the decrease;
+//! - a new refcount block is written before the refcount table entry pointing to it, and a
+//!   grown refcount table is complete before the header points to it.
+//!
+//! Data clusters are written before the L2 entry mapping them is updated in the cache.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use block::{BlockError, Child, ErrorKind, IoVec, Result, WriteFlags};
+
+use super::entry::{Mapping, COPIED, OFFSET_MASK};
+use super::header::Header;
+
+/// Offset bits of refcount table entries.
+const RT_OFFSET_MASK: u64 = !0x1ff;
+/// Host offsets must fit in 56 bits.
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+#[derive(Debug)]
+struct Cached<T> {
+    data: T,
+    dirty: bool,
+    used: u64,
+}
+
+/// Metadata state of an open image. See the module docs for the ordering rules.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub header: Header,
+    file: Arc<Child>,
+    cluster_bits: u32,
+    cs: u64,
+    l1: Vec<u64>,
+    l2: HashMap<u64, Cached<Vec<u64>>>,
+    l2_capacity: usize,
+    rt: Vec<u64>,
+    rb: HashMap<u64, Cached<Vec<u8>>>,
+    rb_capacity: usize,
+    tick: u64,
+    free_hint: u64,
+    /// First cluster index past everything allocated (file end or later in-flight clusters).
+    end_cluster: u64,
+    /// Byte offset where the next compressed cluster may go (0: start a new host cluster).
+    compressed_cursor: u64,
+    /// A reference was dropped by a written-through L2 entry: sync before writing refcounts.
+    sync_before_refcounts: bool,
+}
+
+fn be_u64s(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+fn to_be_bytes(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_be_bytes()).collect()
+}
+
+/// Reads refcount `i` of a refcount block with `order` (bits = 1 << order).
+pub(crate) fn get_refcount(block: &[u8], i: usize, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (i % per_byte) * bits;
+            u64::from((block[i / per_byte] >> shift) & ((1u16 << bits) - 1) as u8)
+        }
+        3 => u64::from(block[i]),
+        4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
+        5 => u64::from(u32::from_be_bytes([
+            block[4 * i],
+            block[4 * i + 1],
+            block[4 * i + 2],
+            block[4 * i + 3],
+        ])),
+        _ => be_u64s(&block[8 * i..8 * i + 8])[0],
+    }
+}
+
+/// Writes refcount `i` of a refcount block with `order`; `value` fits (checked by callers).
+pub(crate) fn set_refcount(block: &mut [u8], i: usize, order: u32, value: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (i % per_byte) * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let b = &mut block[i / per_byte];
+            *b = (*b & !mask) | (((value as u8) << shift) & mask);
+        }
+        3 => block[i] = value as u8,
+        4 => block[2 * i..2 * i + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+        5 => block[4 * i..4 * i + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+        _ => block[8 * i..8 * i + 8].copy_from_slice(&value.to_be_bytes()),
+    }
+}
+
+impl Meta {
+    /// Loads the L1 and refcount tables of an image whose header was parsed.
+    pub async fn load(header: Header, file: Arc<Child>) -> Result<Meta> {
+        let cs = header.cluster_size();
+        let file_len = file.node().len();
+        let l1_bytes = header.l1_size as usize * 8;
+        let l1 = be_u64s(&file.read(header.l1_table_offset, l1_bytes).await?);
+        let rt_bytes = header.refcount_table_clusters as usize * cs as usize;
+        let rt = be_u64s(&file.read(header.refcount_table_offset, rt_bytes).await?);
+        let cluster_bits = header.cluster_bits;
+        let meta_capacity = |covered_per_table: u64| -> usize {
+            let want = header.size.div_ceil(covered_per_table).max(16);
+            let max = ((32u64 << 20) / cs).max(16);
+            want.min(max) as usize
+        };
+        let l2_capacity = meta_capacity(cs / 8 * cs);
+        let rb_capacity = meta_capacity(cs * 8 / u64::from(header.refcount_bits()) * cs);
+        let meta = Meta {
+            header,
+            file,
+            cluster_bits,
+            cs,
+            l1,
+            l2: HashMap::new(),
+            l2_capacity,
+            rt,
+            rb: HashMap::new(),
+            rb_capacity,
+            tick: 0,
+            free_hint: 0,
+            end_cluster: file_len.div_ceil(cs),
+            compressed_cursor: 0,
+            sync_before_refcounts: false,
+        };
+        meta.validate_tables(file_len)?;
+        Ok(meta)
+    }
+
+    fn validate_tables(&self, file_len: u64) -> Result<()> {
+        for (i, e) in self.l1.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                self.check_meta_offset(off, file_len)
+                    .map_err(|e| e.within(format!("L1 entry {i}")))?;
+            }
+        }
+        for (i, e) in self.rt.iter().enumerate() {
+            let off = e & RT_OFFSET_MASK;
+            if off != 0 {
+                self.check_meta_offset(off, file_len)
+                    .map_err(|e| e.within(format!("refcount table entry {i}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_meta_offset(&self, off: u64, file_len: u64) -> Result<()> {
+        if off % self.cs != 0 {
+            return Err(BlockError::corrupt(format!(
+                "table offset {off:#x} is not cluster aligned"
+            )));
+        }
+        if off + self.cs > file_len.div_ceil(self.cs) * self.cs {
+            return Err(BlockError::corrupt(format!(
+                "table at {off:#x} is outside the file ({file_len} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn file_len(&self) -> u64 {
+        self.file.node().len()
+    }
+
+    /// The `file` child the metadata lives in.
+    pub fn file_child(&self) -> Arc<Child> {
+        self.file.clone()
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.cs / 8
+    }
+
+    fn rb_entries(&self) -> u64 {
+        self.cs * 8 / u64::from(self.header.refcount_bits())
+    }
+
+    fn max_refcount(&self) -> u64 {
+        match self.header.refcount_bits() {
+            64 => u64::MAX,
+            b => (1u64 << b) - 1,
+        }
+    }
+
+    async fn write_bytes(&self, off: u64, data: Vec<u8>) -> Result<()> {
+        self.file
+            .write(off, IoVec::from(data), WriteFlags::default())
+            .await
+    }
+
+    // ---- L2 ----------------------------------------------------------------------------
+
+    async fn load_l2(&mut self, off: u64) -> Result<&mut Cached<Vec<u64>>> {
+        self.tick += 1;
+        if !self.l2.contains_key(&off) {
+            self.check_meta_offset(off, self.file_len())?;
+            self.make_room_l2().await?;
+            let raw = self.file.read(off, self.cs as usize).await?;
+            self.l2.insert(
+                off,
+                Cached {
+                    data: be_u64s(&raw),
+                    dirty: false,
+                    used: 0,
+                },
+            );
+        }
+        let tick = self.tick;
+        let t = self
+            .l2
+            .get_mut(&off)
+            .ok_or_else(|| BlockError::corrupt("L2 cache lost a table"))?;
+        t.used = tick;
+        Ok(t)
+    }
+
+    async fn make_room_l2(&mut self) -> Result<()> {
+        if self.l2.len() < self.l2_capacity {
+            return Ok(());
+        }
+        let Some((&victim, _)) = self.l2.iter().min_by_key(|(_, t)| t.used) else {
+            return Ok(());
+        };
+        if self.l2.get(&victim).is_some_and(|t| t.dirty) {
+            self.write_back_l2(&[victim]).await?;
+        }
+        self.l2.remove(&victim);
+        Ok(())
+    }
+
+    /// Writes the given dirty L2 tables, after the refcounts they depend on.
+    async fn write_back_l2(&mut self, tables: &[u64]) -> Result<()> {
+        if self.flush_refblocks().await? {
+            self.file.flush().await?;
+        }
+        for &off in tables {
+            let Some(t) = self.l2.get_mut(&off) else {
+                continue;
+            };
+            if !t.dirty {
+                continue;
+            }
+            let bytes = to_be_bytes(&t.data);
+            t.dirty = false;
+            self.write_bytes(off, bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// The raw L2 entry of guest cluster `gc` (0 when no L2 table maps it).
+    pub async fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+        let (i, j) = self.l2_index(gc);
+        let Some(&l1e) = self.l1.get(i) else {
+            return Ok(0);
+        };
+        let off = l1e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        Ok(self.load_l2(off).await?.data[j])
+    }
+
+    /// What guest cluster `gc` maps to.
+    pub async fn mapping(&mut self, gc: u64) -> Result<Mapping> {
+        let raw = self.l2_entry(gc).await?;
+        Mapping::decode(raw, self.cluster_bits, self.file_len())
+    }
+
+    /// True when the L1 entry covering `gc` points to no table.
+    pub fn l2_missing(&self, gc: u64) -> bool {
+        let (i, _) = self.l2_index(gc);
+        self.l1.get(i).is_none_or(|e| e & OFFSET_MASK == 0)
+    }
+
+    fn l2_index(&self, gc: u64) -> (usize, usize) {
+        let n = self.l2_entries();
+        ((gc / n) as usize, (gc % n) as usize)
+    }
+
+    /// Sets the L2 entry of `gc` in the cache (allocating or un-sharing its table first).
+    /// Returns the table's offset.
+    pub async fn set_l2_entry(&mut self, gc: u64, entry: u64) -> Result<u64> {
+        let off = self.l2_for_write(gc).await?;
+        let (_, j) = self.l2_index(gc);
+        let t = self.load_l2(off).await?;
+        t.data[j] = entry;
+        t.dirty = true;
+        Ok(off)
+    }
+
+    /// Writes the given L2 tables now (refcounts first). Used before freeing clusters.
+    pub async fn write_through_l2(&mut self, tables: &[u64]) -> Result<()> {
+        self.write_back_l2(tables).await
+    }
+
+    /// The offset of a writable (refcount one) L2 table for `gc`, creating one if needed.
+    async fn l2_for_write(&mut self, gc: u64) -> Result<u64> {
+        let (i, _) = self.l2_index(gc);
+        let l1e = *self.l1.get(i).ok_or_else(|| {
+            BlockError::corrupt(format!("guest cluster {gc} is beyond the L1 table"))
+        })?;
+        let old = l1e & OFFSET_MASK;
+        if old != 0 && l1e & COPIED != 0 {
+            return Ok(old);
+        }
+        let content = if old == 0 {
+            vec![0u64; self.l2_entries() as usize]
+        } else {
+            self.load_l2(old).await?.data.clone()
+        };
+        let new = self.alloc_clusters(1).await?;
+        self.flush_refblocks().await?;
+        self.write_bytes(new, to_be_bytes(&content)).await?;
+        self.file.flush().await?;
+        self.make_room_l2().await?;
+        self.l2.insert(
+            new,
+            Cached {
+                data: content,
+                dirty: false,
+                used: self.tick,
+            },
+        );
+        self.l1[i] = new | COPIED;
+        let l1_entry_off = self.header.l1_table_offset + i as u64 * 8;
+        self.write_bytes(l1_entry_off, self.l1[i].to_be_bytes().to_vec())
+            .await?;
+        if old != 0 {
+            // The table was shared with a snapshot: the active L1 no longer uses it.
+            self.sync_before_refcounts = true;
+            self.update_refcount(old / self.cs, -1).await?;
+        }
+        Ok(new)
+    }
+
+    // ---- refcounts -----------------------------------------------------------------------
+
+    async fn load_rb(&mut self, off: u64) -> Result<&mut Cached<Vec<u8>>> {
+        self.tick += 1;
+        if !self.rb.contains_key(&off) {
+            self.check_meta_offset(off, self.file_len())?;
+            if self.rb.len() >= self.rb_capacity {
+                self.flush_refblocks().await?;
+                if let Some((&victim, _)) = self.rb.iter().min_by_key(|(_, b)| b.used) {
+                    self.rb.remove(&victim);
+                }
+            }
+            let raw = self.file.read(off, self.cs as usize).await?;
+            self.rb.insert(
+                off,
+                Cached {
+                    data: raw.to_vec(),
+                    dirty: false,
+                    used: 0,
+                },
+            );
+        }
+        let tick = self.tick;
+        let b = self
+            .rb
+            .get_mut(&off)
+            .ok_or_else(|| BlockError::corrupt("refcount cache lost a block"))?;
+        b.used = tick;
+        Ok(b)
+    }
+
+    fn refblock_offset(&self, bi: u64) -> Option<u64> {
+        self.rt
+            .get(bi as usize)
+            .map(|e| e & RT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+    }
+
+    /// Refcount of host cluster `cluster`.
+    pub async fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let epb = self.rb_entries();
+        let Some(off) = self.refblock_offset(cluster / epb) else {
+            return Ok(0);
+        };
+        let order = self.header.refcount_order;
+        let b = self.load_rb(off).await?;
+        Ok(get_refcount(&b.data, (cluster % epb) as usize, order))
+    }
+
+    async fn store_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let epb = self.rb_entries();
+        let off = match self.refblock_offset(cluster / epb) {
+            Some(off) => off,
+            None if value == 0 => return Ok(()),
+            None => self.create_refblock(cluster / epb).await?,
+        };
+        let order = self.header.refcount_order;
+        let b = self.load_rb(off).await?;
+        set_refcount(&mut b.data, (cluster % epb) as usize, order, value);
+        b.dirty = true;
+        if value > 0 {
+            self.end_cluster = self.end_cluster.max(cluster + 1);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of `cluster`.
+    pub async fn update_refcount(&mut self, cluster: u64, delta: i64) -> Result<()> {
+        let cur = self.refcount(cluster).await?;
+        let new = i128::from(cur) + i128::from(delta);
+        if new < 0 {
+            return Err(BlockError::corrupt(format!(
+                "refcount of cluster {cluster} would drop below zero"
+            )));
+        }
+        if new as u128 > u128::from(self.max_refcount()) {
+            return Err(BlockError::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "refcount of cluster {cluster} would overflow {} bits",
+                    self.header.refcount_bits()
+                ),
+            ));
+        }
+        self.store_refcount(cluster, new as u64).await?;
+        if new == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+            if self.compressed_cursor / self.cs == cluster {
+                self.compressed_cursor = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to each host cluster of `[off, off+len)`.
+    pub async fn free_range(&mut self, off: u64, len: u64) -> Result<()> {
+        let (first, last) = (off / self.cs, (off + len.max(1) - 1) / self.cs);
+        for c in first..=last {
+            self.update_refcount(c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks that an L2 entry dropping references was written: sync before refcounts.
+    pub fn references_dropped(&mut self) {
+        self.sync_before_refcounts = true;
+    }
+
+    /// Writes every dirty refcount block. Returns whether anything was written.
+    async fn flush_refblocks(&mut self) -> Result<bool> {
+        let dirty: Vec<u64> = self
+            .rb
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        if dirty.is_empty() {
+            return Ok(false);
+        }
+        if self.sync_before_refcounts {
+            self.file.flush().await?;
+            self.sync_before_refcounts = false;
+        }
+        for off in dirty {
+            let Some(b) = self.rb.get_mut(&off) else {
+                continue;
+            };
+            let data = b.data.clone();
+            b.dirty = false;
+            self.write_bytes(off, data).await?;
+        }
+        Ok(true)
+    }
+
+    /// A refcount block for range `bi`, placed at the first cluster of the range it covers
+    /// (free by definition: no block means every refcount in it is zero).
+    async fn create_refblock(&mut self, bi: u64) -> Result<u64> {
+        if bi as usize >= self.rt.len() {
+            Box::pin(self.grow_refcount_table(bi)).await?;
+            if let Some(off) = self.refblock_offset(bi) {
+                return Ok(off);
+            }
+        }
+        let off = bi * self.rb_entries() * self.cs;
+        if off >= MAX_HOST_OFFSET {
+            return Err(BlockError::new(
+                ErrorKind::NoSpace,
+                "image file would exceed 2^56 bytes",
+            ));
+        }
+        let mut data = vec![0u8; self.cs as usize];
+        set_refcount(&mut data, 0, self.header.refcount_order, 1);
+        self.write_bytes(off, data.clone()).await?;
+        self.rt[bi as usize] = off;
+        let entry_off = self.header.refcount_table_offset + bi * 8;
+        self.write_bytes(entry_off, off.to_be_bytes().to_vec())
+            .await?;
+        self.rb.insert(
+            off,
+            Cached {
+                data,
+                dirty: false,
+                used: self.tick,
+            },
+        );
+        self.end_cluster = self.end_cluster.max(bi * self.rb_entries() + 1);
+        Ok(off)
+    }
+
+    /// Moves the refcount table to a bigger one that has an entry for block `min_bi`. The new
+    /// table and the refcount blocks describing it go past everything allocated.
+    async fn grow_refcount_table(&mut self, min_bi: u64) -> Result<()> {
+        let (cs, epb) = (self.cs, self.rb_entries());
+        let start = self.end_cluster;
+        let (mut k, mut t) = (0u64, 0u64);
+        let (first_bi, mut last_bi);
+        loop {
+            let meta_end = start + k + t;
+            let fb = start / epb;
+            last_bi = (meta_end.max(start + 1) - 1) / epb;
+            let need_k = (fb..=last_bi)
+                .filter(|&bi| self.refblock_offset(bi).is_none())
+                .count() as u64;
+            let entries = (min_bi + 1).max(last_bi + 1).max(self.rt.len() as u64);
+            let need_t = (entries * 8).div_ceil(cs);
+            if need_k == k && need_t == t {
+                first_bi = fb;
+                break;
+            }
+            (k, t) = (need_k, need_t);
+        }
+        if (start + k + t) * cs >= MAX_HOST_OFFSET {
+            return Err(BlockError::new(
+                ErrorKind::NoSpace,
+                "image file would exceed 2^56 bytes",
+            ));
+        }
+        let mut new_rt = self.rt.clone();
+        new_rt.resize((t * cs / 8) as usize, 0);
+        let order = self.header.refcount_order;
+        let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for bi in first_bi..=last_bi {
+            if self.refblock_offset(bi).is_none() {
+                let off = (start + new_blocks.len() as u64) * cs;
+                new_rt[bi as usize] = off;
+                new_blocks.push((off, vec![0u8; cs as usize]));
+            }
+        }
+        for c in start..start + k + t {
+            let bi = c / epb;
+            if let Some(b) = new_blocks
+                .iter_mut()
+                .find(|(off, _)| new_rt[bi as usize] == *off)
+            {
+                set_refcount(&mut b.1, (c % epb) as usize, order, 1);
+            } else {
+                self.store_refcount(c, 1).await?;
+            }
+        }
+        for (off, data) in &new_blocks {
+            self.write_bytes(*off, data.clone()).await?;
+        }
+        let table_off = (start + k) * cs;
+        self.write_bytes(table_off, to_be_bytes(&new_rt)).await?;
+        self.flush_refblocks().await?;
+        self.file.flush().await?;
+        let mut hdr = Vec::with_capacity(12);
+        hdr.extend_from_slice(&table_off.to_be_bytes());
+        hdr.extend_from_slice(&(t as u32).to_be_bytes());
+        self.write_bytes(48, hdr).await?;
+        self.file.flush().await?;
+        let (old_off, old_clusters) = (
+            self.header.refcount_table_offset,
+            u64::from(self.header.refcount_table_clusters),
+        );
+        self.header.refcount_table_offset = table_off;
+        self.header.refcount_table_clusters = t as u32;
+        self.rt = new_rt;
+        for (off, data) in new_blocks {
+            self.rb.insert(
+                off,
+                Cached {
+                    data,
+                    dirty: false,
+                    used: self.tick,
+                },
+            );
+        }
+        self.end_cluster = self.end_cluster.max(start + k + t);
+        self.free_range(old_off, old_clusters * cs).await
+    }
+
+    /// Allocates `n` contiguous clusters with refcount one; returns the host offset.
+    pub async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let epb = self.rb_entries();
+        loop {
+            let start = self.find_free_run(n).await?;
+            let mut created = false;
+            for bi in start / epb..=(start + n - 1) / epb {
+                if self.refblock_offset(bi).is_none() {
+                    self.create_refblock(bi).await?;
+                    created = true;
+                }
+            }
+            if created {
+                continue;
+            }
+            for c in start..start + n {
+                self.store_refcount(c, 1).await?;
+            }
+            if start == self.free_hint {
+                self.free_hint = start + n;
+            }
+            return Ok(start * self.cs);
+        }
+    }
+
+    async fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        let epb = self.rb_entries();
+        let limit = MAX_HOST_OFFSET / self.cs;
+        let (mut c, mut run_start, mut run) = (self.free_hint, self.free_hint, 0u64);
+        while c < limit {
+            if self.refblock_offset(c / epb).is_none() {
+                // A whole range without a block: all free.
+                if run == 0 {
+                    run_start = c;
+                }
+                let block_end = (c / epb + 1) * epb;
+                run += block_end - c;
+                if run >= n {
+                    return Ok(run_start);
+                }
+                c = block_end;
+                continue;
+            }
+            if self.refcount(c).await? == 0 {
+                if run == 0 {
+                    run_start = c;
+                }
+                run += 1;
+                if run >= n {
+                    return Ok(run_start);
+                }
+            } else {
+                run = 0;
+            }
+            c += 1;
+        }
+        Err(BlockError::new(
+            ErrorKind::NoSpace,
+            "no free clusters below 2^56 bytes",
+        ))
+    }
+
+    /// Allocates `size` bytes for compressed data, packing several into one host cluster.
+    pub async fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        let cursor = self.compressed_cursor;
+        if cursor != 0 {
+            let c = cursor / self.cs;
+            if cursor + size <= (c + 1) * self.cs && self.refcount(c).await? < self.max_refcount() {
+                self.update_refcount(c, 1).await?;
+                self.compressed_cursor = if (cursor + size) % self.cs == 0 {
+                    0
+                } else {
+                    cursor + size
+                };
+                return Ok(cursor);
+            }
+        }
+        let off = self.alloc_clusters(size.div_ceil(self.cs)).await?;
+        self.compressed_cursor = if (off + size) % self.cs == 0 {
+            0
+        } else {
+            off + size
+        };
+        Ok(off)
+    }
+
+    /// Writes back every dirty table (refcounts, sync, L2). The caller syncs the file after.
+    pub async fn flush(&mut self) -> Result<()> {
+        let dirty: Vec<u64> = self
+            .l2
+            .iter()
+            .filter(|(_, t)| t.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        if dirty.is_empty() {
+            self.flush_refblocks().await?;
+            return Ok(());
+        }
+        self.write_back_l2(&dirty).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_packing_round_trips_every_order() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as usize;
+            for i in 0..n {
+                set_refcount(&mut block, i, order, (i as u64 * 7 + 1) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    get_refcount(&block, i, order),
+                    (i as u64 * 7 + 1) & max,
+                    "order {order} i {i}"
+                );
+            }
+        }
+        // QEMU's layout: 1-bit refcounts, cluster 0 is the least significant bit of byte 0.
+        let mut block = vec![0u8; 8];
+        set_refcount(&mut block, 0, 0, 1);
+        set_refcount(&mut block, 9, 0, 1);
+        assert_eq!(block[0], 1);
+        assert_eq!(block[1], 2);
+    }
+}
