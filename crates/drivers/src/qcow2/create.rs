@@ -197,8 +197,8 @@ impl Qcow2Driver {
         let mut end = 0;
         let mut gc = 0;
         while gc < clusters {
-            let n = (per_table - gc % per_table).min(clusters - gc);
-            let host = meta.alloc_clusters(n).await?;
+            let want = (per_table - gc % per_table).min(clusters - gc);
+            let (host, n) = meta.alloc_some_clusters(want).await?;
             for i in 0..n {
                 meta.set_l2_entry(gc + i, (host + i * cs) | COPIED).await?;
             }

@@ -265,14 +265,14 @@ impl Qcow2Driver {
                 continue;
             }
             let run = targets[i..].iter().take_while(|t| t.is_none()).count();
-            let host = meta.alloc_clusters(run as u64).await?;
-            for k in 0..run {
+            let (host, got) = meta.alloc_some_clusters(run as u64).await?;
+            for k in 0..got as usize {
                 targets[i + k] = Some(Target {
                     host: host + k as u64 * cs,
                     fresh: true,
                 });
             }
-            i += run;
+            i += got as usize;
         }
         let targets = targets
             .into_iter()

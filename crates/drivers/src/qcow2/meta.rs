@@ -606,11 +606,24 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters with refcount one; returns the host offset.
     pub async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let (host, got) = self.alloc_run(n, true).await?;
+        debug_assert_eq!(got, n);
+        Ok(host)
+    }
+
+    /// Allocates between one and `n` contiguous clusters (the first free run, cut at `n`);
+    /// returns the host offset and the count. Long runs are not always possible: refcount
+    /// blocks sit at the start of the ranges they describe.
+    pub async fn alloc_some_clusters(&mut self, n: u64) -> Result<(u64, u64)> {
+        self.alloc_run(n, false).await
+    }
+
+    async fn alloc_run(&mut self, n: u64, exact: bool) -> Result<(u64, u64)> {
         let epb = self.rb_entries();
         loop {
-            let start = self.find_free_run(n).await?;
+            let (start, len) = self.find_free_run(n, exact).await?;
             let mut created = false;
-            for bi in start / epb..=(start + n - 1) / epb {
+            for bi in start / epb..=(start + len - 1) / epb {
                 if self.refblock_offset(bi).is_none() {
                     self.create_refblock(bi).await?;
                     created = true;
@@ -619,46 +632,47 @@ impl Meta {
             if created {
                 continue;
             }
-            for c in start..start + n {
+            for c in start..start + len {
                 self.store_refcount(c, 1).await?;
             }
             if start == self.free_hint {
-                self.free_hint = start + n;
+                self.free_hint = start + len;
             }
-            return Ok(start * self.cs);
+            return Ok((start * self.cs, len));
         }
     }
 
-    async fn find_free_run(&mut self, n: u64) -> Result<u64> {
+    /// The first run of free clusters from the hint: exactly `n` long when `exact`, else as
+    /// long as it goes up to `n`.
+    async fn find_free_run(&mut self, n: u64, exact: bool) -> Result<(u64, u64)> {
         let epb = self.rb_entries();
         let limit = MAX_HOST_OFFSET / self.cs;
         let (mut c, mut run_start, mut run) = (self.free_hint, self.free_hint, 0u64);
         while c < limit {
-            if self.refblock_offset(c / epb).is_none() {
+            let free_here = if self.refblock_offset(c / epb).is_none() {
                 // A whole range without a block: all free.
-                if run == 0 {
-                    run_start = c;
+                (c / epb + 1) * epb - c
+            } else if self.refcount(c).await? == 0 {
+                1
+            } else {
+                0
+            };
+            if free_here == 0 {
+                if run > 0 && !exact {
+                    return Ok((run_start, run));
                 }
-                let block_end = (c / epb + 1) * epb;
-                run += block_end - c;
-                if run >= n {
-                    return Ok(run_start);
-                }
-                c = block_end;
+                run = 0;
+                c += 1;
                 continue;
             }
-            if self.refcount(c).await? == 0 {
-                if run == 0 {
-                    run_start = c;
-                }
-                run += 1;
-                if run >= n {
-                    return Ok(run_start);
-                }
-            } else {
-                run = 0;
+            if run == 0 {
+                run_start = c;
             }
-            c += 1;
+            run += free_here;
+            if run >= n {
+                return Ok((run_start, n));
+            }
+            c += free_here;
         }
         Err(BlockError::new(
             ErrorKind::NoSpace,
