@@ -8,7 +8,10 @@ use std::path::Path;
 
 fn patch(path: &Path, at: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
     f.write_all_at(bytes, at).expect("patch");
 }
 
@@ -16,8 +19,17 @@ async fn expect_refused(path: &Path, needle: &str) {
     let before = std::fs::read(path).expect("read");
     let r = open_image(path, None, &OpenOptions::default()).await;
     let err = r.expect_err("a bad image must be refused");
-    assert!(err.to_string().contains(needle), "error for {}: {err}", path.display());
-    assert_eq!(before, std::fs::read(path).expect("read"), "nothing written to {}", path.display());
+    assert!(
+        err.to_string().contains(needle),
+        "error for {}: {err}",
+        path.display()
+    );
+    assert_eq!(
+        before,
+        std::fs::read(path).expect("read"),
+        "nothing written to {}",
+        path.display()
+    );
 }
 
 fn fresh(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
@@ -31,7 +43,12 @@ fn fresh(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
 async fn corrupt_images_are_refused_cleanly() {
     let dir = tmp();
     let img = fresh(&dir, "trunc.qcow2");
-    std::fs::OpenOptions::new().write(true).open(&img).expect("open").set_len(50).expect("truncate");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open")
+        .set_len(50)
+        .expect("truncate");
     expect_refused(&img, "too short").await;
 
     let img = fresh(&dir, "version.qcow2");
@@ -69,14 +86,24 @@ async fn l2_entry_outside_the_file_fails_the_read_only() {
     let before = std::fs::read(&img).expect("read");
     let node = open_ro(&img).await;
     assert!(node.read(0, 4096).await.is_ok(), "cluster 0 is fine");
-    let err = node.read(65536, 4096).await.expect_err("entry points outside");
+    let err = node
+        .read(65536, 4096)
+        .await
+        .expect_err("entry points outside");
     assert!(err.to_string().contains("outside the file"), "{err}");
     node.close().await.expect("close");
     let node = open_rw(&img).await;
     let w = block::IoVec::from(vec![9u8; 4096]);
-    assert!(node.write(65536, w, block::WriteFlags::default()).await.is_err());
+    assert!(node
+        .write(65536, w, block::WriteFlags::default())
+        .await
+        .is_err());
     node.close().await.expect("close");
-    assert_eq!(before, std::fs::read(&img).expect("read"), "nothing written");
+    assert_eq!(
+        before,
+        std::fs::read(&img).expect("read"),
+        "nothing written"
+    );
 }
 
 #[tokio::test]
@@ -84,8 +111,24 @@ async fn backing_loops_are_refused() {
     let dir = tmp();
     let (a, b) = (p(&dir, "a.qcow2"), p(&dir, "b.qcow2"));
     qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
-    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b)]);
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            s(&b),
+        ],
+    );
     // Point a at b: a -> b -> a.
-    qemu_ok("qemu-img", &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    qemu_ok(
+        "qemu-img",
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)],
+    );
     expect_refused(&b, "loop").await;
 }

@@ -1,0 +1,159 @@
+//! `blockjob map --json` prints what `qemu-img map --output=json` prints, and `info`/`copy`
+//! produce images QEMU agrees with.
+
+use std::path::Path;
+use std::process::Command;
+
+fn run(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().expect("runnable");
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bj(args: &[&str]) -> String {
+    run(env!("CARGO_BIN_EXE_blockjob"), args)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+#[test]
+fn map_equals_qemu_img_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&d("b.qcow2")), "4M"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 2 0 128k",
+            "-c",
+            "write -z 1M 64k",
+            s(&d("b.qcow2")),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&d("t.qcow2")),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 3 64k 64k",
+            "-c",
+            "write -z 2M 64k",
+            s(&d("t.qcow2")),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            s(&d("p.qcow2")),
+            "3M",
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            s(&d("t.qcow2")),
+            s(&d("c.qcow2")),
+        ],
+    );
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", s(&d("r.raw")), "4M"],
+    );
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 1M 64k", s(&d("r.raw"))],
+    );
+    for img in ["t.qcow2", "b.qcow2", "p.qcow2", "c.qcow2", "r.raw"] {
+        let ours = bj(&["map", "--json", s(&d(img))]);
+        let theirs = run("qemu-img", &["map", "--output=json", s(&d(img))]);
+        assert_eq!(ours.trim(), theirs.trim(), "map of {img}");
+    }
+}
+
+#[test]
+fn copy_keeps_content_and_sparseness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&d("b.qcow2")), "16M"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 7 0 3M",
+            "-c",
+            "write -P 8 10M 100k",
+            s(&d("b.qcow2")),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&d("t.qcow2")),
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 9 1M 5000", s(&d("t.qcow2"))]);
+    for (fmt, extra) in [("qcow2", None), ("raw", None), ("qcow2", Some("-c"))] {
+        let (src, out) = (d("t.qcow2"), d("out.img"));
+        let mut args = vec!["copy", "-O", fmt, s(&src), s(&out)];
+        args.extend(extra);
+        bj(&args);
+        run(
+            "qemu-img",
+            &["compare", "-F", fmt, s(&d("t.qcow2")), s(&out)],
+        );
+        if fmt == "qcow2" {
+            run("qemu-img", &["check", s(&out)]);
+        }
+        let info = bj(&["info", "--json", s(&out)]);
+        let v: serde_json::Value = serde_json::from_str(&info).expect("json");
+        assert_eq!(v["virtual-size"], 16 << 20);
+        assert!(
+            v["actual-size"].as_u64().expect("actual size") < 8 << 20,
+            "copy stays sparse: {info}"
+        );
+    }
+}
