@@ -113,21 +113,6 @@ impl FileDriver {
         &self.options.filename
     }
 
-    /// The shared descriptor (for copy offload).
-    pub fn fd(&self) -> &SharedFd {
-        &self.fd
-    }
-
-    /// Bytes the file occupies on the host (`st_blocks * 512`).
-    pub fn allocated_bytes(&self) -> u64 {
-        std::fs::metadata(&self.options.filename)
-            .map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                m.blocks() * 512
-            })
-            .unwrap_or(0)
-    }
-
     /// Sets the file length.
     pub async fn truncate(&self, len: u64) -> Result<()> {
         self.engine

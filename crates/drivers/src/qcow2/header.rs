@@ -17,7 +17,6 @@ const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 /// The bitmaps extension.
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Incompatible feature bits.
 pub mod incompat {
@@ -216,7 +215,7 @@ impl Header {
         }
         h.validate(file_len)?;
         h.parse_extensions(buf)?;
-        h.parse_backing_name(buf, file_len)?;
+        h.parse_backing_name(buf)?;
         Ok(h)
     }
 
@@ -338,7 +337,7 @@ impl Header {
         Ok(())
     }
 
-    fn parse_backing_name(&mut self, buf: &[u8], _file_len: u64) -> Result<()> {
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<()> {
         if self.backing_file_offset == 0 {
             return Ok(());
         }
@@ -480,6 +479,3 @@ fn feature_table() -> Vec<u8> {
     }
     out
 }
-
-/// Extension type of the data-file extension (rejected at open).
-pub const EXT_DATA_FILE_KIND: u32 = EXT_DATA_FILE;

@@ -488,7 +488,7 @@ impl Qcow2Driver {
                 continue;
             }
             let raw = meta.l2_entry(gc).await?;
-            let old = meta.mapping(gc).await?;
+            let old = meta.decode(raw)?;
             let new = match old {
                 Mapping::Normal { host, copied: true } if !may_unmap => host | COPIED | ZERO,
                 Mapping::Zero {

@@ -34,6 +34,25 @@ struct Cached<T> {
     used: u64,
 }
 
+impl<T> Cached<T> {
+    fn clean(data: T, used: u64) -> Self {
+        Self {
+            data,
+            dirty: false,
+            used,
+        }
+    }
+}
+
+/// The cached table at `off`, marked as used at `tick` (for LRU eviction).
+fn touch<T>(cache: &mut HashMap<u64, Cached<T>>, off: u64, tick: u64) -> Result<&mut Cached<T>> {
+    let entry = cache
+        .get_mut(&off)
+        .ok_or_else(|| BlockError::corrupt(format!("metadata cache lost the table at {off:#x}")))?;
+    entry.used = tick;
+    Ok(entry)
+}
+
 /// Metadata state of an open image. See the module docs for the ordering rules.
 #[derive(Debug)]
 pub(crate) struct Meta {
@@ -215,22 +234,9 @@ impl Meta {
             self.check_meta_offset(off, self.file_len())?;
             self.make_room_l2().await?;
             let raw = self.file.read(off, self.cs as usize).await?;
-            self.l2.insert(
-                off,
-                Cached {
-                    data: be_u64s(&raw),
-                    dirty: false,
-                    used: 0,
-                },
-            );
+            self.l2.insert(off, Cached::clean(be_u64s(&raw), 0));
         }
-        let tick = self.tick;
-        let t = self
-            .l2
-            .get_mut(&off)
-            .ok_or_else(|| BlockError::corrupt("L2 cache lost a table"))?;
-        t.used = tick;
-        Ok(t)
+        touch(&mut self.l2, off, self.tick)
     }
 
     async fn make_room_l2(&mut self) -> Result<()> {
@@ -282,6 +288,11 @@ impl Meta {
     /// What guest cluster `gc` maps to.
     pub async fn mapping(&mut self, gc: u64) -> Result<Mapping> {
         let raw = self.l2_entry(gc).await?;
+        self.decode(raw)
+    }
+
+    /// Decodes a raw L2 entry of this image.
+    pub fn decode(&self, raw: u64) -> Result<Mapping> {
         Mapping::decode(raw, self.cluster_bits, self.file_len())
     }
 
@@ -332,14 +343,7 @@ impl Meta {
         self.write_bytes(new, to_be_bytes(&content)).await?;
         self.file.flush().await?;
         self.make_room_l2().await?;
-        self.l2.insert(
-            new,
-            Cached {
-                data: content,
-                dirty: false,
-                used: self.tick,
-            },
-        );
+        self.l2.insert(new, Cached::clean(content, self.tick));
         self.l1[i] = new | COPIED;
         let l1_entry_off = self.header.l1_table_offset + i as u64 * 8;
         self.write_bytes(l1_entry_off, self.l1[i].to_be_bytes().to_vec())
@@ -365,22 +369,9 @@ impl Meta {
                 }
             }
             let raw = self.file.read(off, self.cs as usize).await?;
-            self.rb.insert(
-                off,
-                Cached {
-                    data: raw.to_vec(),
-                    dirty: false,
-                    used: 0,
-                },
-            );
+            self.rb.insert(off, Cached::clean(raw.to_vec(), 0));
         }
-        let tick = self.tick;
-        let b = self
-            .rb
-            .get_mut(&off)
-            .ok_or_else(|| BlockError::corrupt("refcount cache lost a block"))?;
-        b.used = tick;
-        Ok(b)
+        touch(&mut self.rb, off, self.tick)
     }
 
     fn refblock_offset(&self, bi: u64) -> Option<u64> {
@@ -509,14 +500,7 @@ impl Meta {
         let entry_off = self.header.refcount_table_offset + bi * 8;
         self.write_bytes(entry_off, off.to_be_bytes().to_vec())
             .await?;
-        self.rb.insert(
-            off,
-            Cached {
-                data,
-                dirty: false,
-                used: self.tick,
-            },
-        );
+        self.rb.insert(off, Cached::clean(data, self.tick));
         self.end_cluster = self.end_cluster.max(bi * self.rb_entries() + 1);
         Ok(off)
     }
@@ -591,14 +575,7 @@ impl Meta {
         self.header.refcount_table_clusters = t as u32;
         self.rt = new_rt;
         for (off, data) in new_blocks {
-            self.rb.insert(
-                off,
-                Cached {
-                    data,
-                    dirty: false,
-                    used: self.tick,
-                },
-            );
+            self.rb.insert(off, Cached::clean(data, self.tick));
         }
         self.end_cluster = self.end_cluster.max(start + k + t);
         self.free_range(old_off, old_clusters * cs).await

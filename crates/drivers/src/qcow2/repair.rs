@@ -37,7 +37,7 @@ async fn count_l1(
     file_len: u64,
 ) -> Result<()> {
     let cs = counter.cs;
-    let file = meta_file(meta);
+    let file = meta.file_child();
     counter.add(l1_off, l1_size * 8);
     let l1 = file.read(l1_off, (l1_size * 8) as usize).await?;
     for i in 0..l1_size as usize {
@@ -60,10 +60,6 @@ async fn count_l1(
         }
     }
     Ok(())
-}
-
-fn meta_file(meta: &Meta) -> std::sync::Arc<block::Child> {
-    meta.file_child()
 }
 
 /// Recounts every reference and writes fresh refcount structures. Clears the dirty bit.
