@@ -12,11 +12,11 @@
 //! can be added and measured against [`ThreadPoolEngine`].
 
 use std::alloc::{self, Layout};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -83,33 +83,76 @@ pub trait IoEngine: Send + Sync + fmt::Debug {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A pool of worker threads running blocking system calls. Threads are started on demand, up to
-/// a maximum (QEMU's thread pool has the same shape: 64 threads at most).
+/// a maximum (QEMU's thread pool has the same shape: 64 threads at most). Idle workers sleep on
+/// a condition variable: no spinning, which matters on small hosts where the runtime and the
+/// workers share two cores.
 pub struct ThreadPoolEngine {
-    tx: crossbeam_channel::Sender<Job>,
-    rx: crossbeam_channel::Receiver<Job>,
-    idle: Arc<AtomicUsize>,
-    started: AtomicUsize,
+    queue: Arc<Queue>,
     max_threads: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// Workers started so far.
+    started: usize,
+    /// The engine is gone: workers exit once the queue is empty.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn worker(&self) {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                drop(st);
+                job();
+                st = self.lock();
+            } else if st.closed {
+                st.started -= 1;
+                return;
+            } else {
+                st.idle += 1;
+                st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.idle -= 1;
+            }
+        }
+    }
 }
 
 impl fmt::Debug for ThreadPoolEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ThreadPoolEngine")
-            .field("started", &self.started.load(Ordering::Relaxed))
+            .field("started", &self.queue.lock().started)
             .field("max_threads", &self.max_threads)
             .finish()
+    }
+}
+
+impl Drop for ThreadPoolEngine {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
     }
 }
 
 impl ThreadPoolEngine {
     /// A pool that starts at most `max_threads` workers.
     pub fn new(max_threads: usize) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded();
         Self {
-            tx,
-            rx,
-            idle: Arc::new(AtomicUsize::new(0)),
-            started: AtomicUsize::new(0),
+            queue: Arc::default(),
             max_threads: max_threads.max(1),
         }
     }
@@ -128,35 +171,34 @@ impl ThreadPoolEngine {
             .clone()
     }
 
-    fn spawn_worker_if_needed(&self) {
-        if self.idle.load(Ordering::Acquire) > 0 {
-            return;
+    /// Queues `job`, waking an idle worker or starting one when every worker is busy.
+    fn submit(&self, job: Job) -> io::Result<()> {
+        let mut st = self.queue.lock();
+        st.jobs.push_back(job);
+        if st.idle > 0 {
+            drop(st);
+            self.queue.ready.notify_one();
+            return Ok(());
         }
-        let started = self.started.load(Ordering::Relaxed);
-        if started >= self.max_threads
-            || self
-                .started
-                .compare_exchange(started, started + 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
+        if st.started >= self.max_threads {
+            return Ok(()); // a busy worker takes it when done
         }
-        let rx = self.rx.clone();
-        let idle = self.idle.clone();
+        st.started += 1;
+        drop(st);
+        let queue = self.queue.clone();
         let spawned = std::thread::Builder::new()
             .name("blockjob-io".into())
-            .spawn(move || loop {
-                idle.fetch_add(1, Ordering::AcqRel);
-                let job = rx.recv();
-                idle.fetch_sub(1, Ordering::AcqRel);
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
-            });
-        if spawned.is_err() {
-            self.started.fetch_sub(1, Ordering::AcqRel);
+            .spawn(move || queue.worker());
+        if let Err(e) = spawned {
+            let mut st = self.queue.lock();
+            st.started -= 1;
+            if st.started == 0 {
+                // Nobody will run the queued jobs: fail them (their reply channels drop).
+                st.jobs.clear();
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     /// Runs `f` on a worker and returns its result.
@@ -165,13 +207,10 @@ impl ThreadPoolEngine {
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
         let (reply, wait) = oneshot::channel();
-        self.spawn_worker_if_needed();
         let job: Job = Box::new(move || {
             let _ = reply.send(f());
         });
-        self.tx
-            .send(job)
-            .map_err(|_| io::Error::other("I/O engine stopped"))?;
+        self.submit(job)?;
         wait.await
             .map_err(|_| io::Error::other("I/O worker vanished"))?
     }
