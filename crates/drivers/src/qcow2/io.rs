@@ -40,6 +40,9 @@ struct Target {
     host: u64,
     /// The cluster gets a new mapping: write it whole (copy-on-write pads), then update L2.
     fresh: bool,
+    /// The host cluster is known to read as zero (newly taken from past the file's end), so a
+    /// pad that would be zero need not be written.
+    blank: bool,
 }
 
 impl Qcow2Driver {
@@ -173,6 +176,15 @@ impl Qcow2Driver {
     }
 
     /// The current content of `[from, to)` inside guest cluster `gc` mapped by `old`.
+    /// Whether a cluster mapped as `old` reads as zero without looking at data.
+    fn reads_zero(&self, old: Mapping) -> bool {
+        match old {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self.backing.is_none(),
+            Mapping::Normal { .. } | Mapping::Compressed { .. } => false,
+        }
+    }
+
     async fn old_content(&self, gc: u64, old: Mapping, from: u64, to: u64) -> Result<Bytes> {
         let n = (to - from) as usize;
         let in_cluster = from - gc * self.cs();
@@ -208,7 +220,11 @@ impl Qcow2Driver {
             if let Some(hosts) = in_place {
                 let targets: Vec<Target> = hosts
                     .into_iter()
-                    .map(|host| Target { host, fresh: false })
+                    .map(|host| Target {
+                        host,
+                        fresh: false,
+                        blank: false,
+                    })
                     .collect();
                 return self.write_targets(offset, &data, c0, &targets, &[]).await;
             }
@@ -250,11 +266,19 @@ impl Qcow2Driver {
             let m = meta.mapping(gc).await?;
             old.push(m);
             targets.push(match m {
-                Mapping::Normal { host, copied: true } => Some(Target { host, fresh: false }),
+                Mapping::Normal { host, copied: true } => Some(Target {
+                    host,
+                    fresh: false,
+                    blank: false,
+                }),
                 Mapping::Zero {
                     host: Some(host),
                     copied: true,
-                } => Some(Target { host, fresh: true }),
+                } => Some(Target {
+                    host,
+                    fresh: true,
+                    blank: false,
+                }),
                 _ => None,
             });
         }
@@ -265,11 +289,13 @@ impl Qcow2Driver {
                 continue;
             }
             let run = targets[i..].iter().take_while(|t| t.is_none()).count();
+            let blank_from = meta.blank_from();
             let (host, got) = meta.alloc_some_clusters(run as u64).await?;
             for k in 0..got as usize {
                 targets[i + k] = Some(Target {
                     host: host + k as u64 * cs,
                     fresh: true,
+                    blank: host >= blank_from,
                 });
             }
             i += got as usize;
@@ -299,6 +325,7 @@ impl Qcow2Driver {
             let mut j = i + 1;
             while j < targets.len()
                 && targets[j].fresh == targets[i].fresh
+                && targets[j].blank == targets[i].blank
                 && targets[j].host == targets[j - 1].host + cs
             {
                 j += 1;
@@ -308,7 +335,8 @@ impl Qcow2Driver {
             let to = end.min(g1 * cs);
             let mut vec = IoVec::new();
             let mut host = targets[i].host + (from - g0 * cs);
-            if targets[i].fresh {
+            let skip_pad = |t: &Target, m: Mapping| t.blank && self.reads_zero(m);
+            if targets[i].fresh && !skip_pad(&targets[i], old[i]) {
                 host = targets[i].host;
                 if g0 == c0 && offset > g0 * cs {
                     vec.push(self.old_content(g0, old[i], g0 * cs, offset).await?);
@@ -320,7 +348,11 @@ impl Qcow2Driver {
             {
                 vec.push(part.clone());
             }
-            if targets[j - 1].fresh && g1 - 1 == last && end < g1 * cs {
+            if targets[j - 1].fresh
+                && !skip_pad(&targets[j - 1], old[j - 1])
+                && g1 - 1 == last
+                && end < g1 * cs
+            {
                 vec.push(self.old_content(last, old[j - 1], end, g1 * cs).await?);
             }
             self.file.write(host, vec, WriteFlags::default()).await?;

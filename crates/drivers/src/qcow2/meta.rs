@@ -581,6 +581,12 @@ impl Meta {
         self.free_range(old_off, old_clusters * cs).await
     }
 
+    /// Host clusters from here on were never allocated since the image was opened and lie past
+    /// the file's end at open: they read as zero until written.
+    pub fn blank_from(&self) -> u64 {
+        self.end_cluster * self.cs
+    }
+
     /// Allocates `n` contiguous clusters with refcount one; returns the host offset.
     pub async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         let (host, got) = self.alloc_run(n, true).await?;
@@ -598,7 +604,7 @@ impl Meta {
     async fn alloc_run(&mut self, n: u64, exact: bool) -> Result<(u64, u64)> {
         let epb = self.rb_entries();
         loop {
-            let (start, len) = self.find_free_run(n, exact).await?;
+            let (start, len, first_free) = self.find_free_run(n, exact).await?;
             let mut created = false;
             for bi in start / epb..=(start + len - 1) / epb {
                 if self.refblock_offset(bi).is_none() {
@@ -612,19 +618,24 @@ impl Meta {
             for c in start..start + len {
                 self.store_refcount(c, 1).await?;
             }
-            if start == self.free_hint {
-                self.free_hint = start + len;
-            }
+            // Everything the scan passed is in use, except a run too short for an exact
+            // request: the next scan starts there, or after what was just taken.
+            self.free_hint = if first_free < start {
+                first_free
+            } else {
+                start + len
+            };
             return Ok((start * self.cs, len));
         }
     }
 
     /// The first run of free clusters from the hint: exactly `n` long when `exact`, else as
-    /// long as it goes up to `n`.
-    async fn find_free_run(&mut self, n: u64, exact: bool) -> Result<(u64, u64)> {
+    /// long as it goes up to `n`. Also returns the first free cluster the scan saw.
+    async fn find_free_run(&mut self, n: u64, exact: bool) -> Result<(u64, u64, u64)> {
         let epb = self.rb_entries();
         let limit = MAX_HOST_OFFSET / self.cs;
         let (mut c, mut run_start, mut run) = (self.free_hint, self.free_hint, 0u64);
+        let mut first_free = u64::MAX;
         while c < limit {
             let free_here = if self.refblock_offset(c / epb).is_none() {
                 // A whole range without a block: all free.
@@ -636,7 +647,7 @@ impl Meta {
             };
             if free_here == 0 {
                 if run > 0 && !exact {
-                    return Ok((run_start, run));
+                    return Ok((run_start, run, first_free));
                 }
                 run = 0;
                 c += 1;
@@ -644,10 +655,11 @@ impl Meta {
             }
             if run == 0 {
                 run_start = c;
+                first_free = first_free.min(c);
             }
             run += free_here;
             if run >= n {
-                return Ok((run_start, n));
+                return Ok((run_start, n, first_free));
             }
             c += free_here;
         }
