@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use block::map::extent_at;
 use block::{BlockError, BlockNode, IoVec, Result, WriteFlags};
+use bytes::BytesMut;
 
 /// Largest chunk one worker copies at once (qemu-img convert uses 2 MiB too).
 const CHUNK: u64 = 2 << 20;
@@ -70,19 +71,24 @@ pub async fn copy(
         let (src, dst, cursor) = (src.clone(), dst.clone(), cursor.clone());
         let (copied, skipped, compress) = (copied.clone(), skipped.clone(), opts.compress);
         tasks.push(tokio::spawn(async move {
+            // One buffer per worker, reused: no allocation or zeroing per chunk.
+            let mut buf = BytesMut::new();
             while let Some((off, len)) = next_chunk(&src, &cursor, size, granule, &skipped).await? {
-                let data = src.read(off, len as usize).await?;
+                buf.resize(len as usize, 0);
+                let data = src.read_into(off, buf).await?.freeze();
                 if block::buf::is_zero(&data) {
                     skipped.fetch_add(len, Ordering::Relaxed);
-                    continue;
-                }
-                if compress {
-                    write_compressed(&dst, off, data, granule).await?;
                 } else {
-                    dst.write(off, IoVec::from(data), WriteFlags::default())
-                        .await?;
+                    if compress {
+                        write_compressed(&dst, off, data.clone(), granule).await?;
+                    } else {
+                        dst.write(off, IoVec::from(data.clone()), WriteFlags::default())
+                            .await?;
+                    }
+                    copied.fetch_add(len, Ordering::Relaxed);
                 }
-                copied.fetch_add(len, Ordering::Relaxed);
+                // The write is done with the buffer; take it back unless someone kept a view.
+                buf = data.try_into_mut().unwrap_or_default();
             }
             Ok::<(), BlockError>(())
         }));

@@ -23,12 +23,12 @@ pub async fn run(size: u64) -> Result<()> {
         dir.path().display()
     );
     image::create(&src, drivers::Format::Qcow2, size, None).await?;
-    let node = image::open(&src, Some("qcow2"), false, false).await?;
+    let node = image::open(&src, Some("qcow2"), false, image::Cache::default()).await?;
     fill(&node, size).await?;
     node.close().await?;
     image::create(&dst, drivers::Format::Qcow2, size, None).await?;
-    let s = image::open(&src, Some("qcow2"), true, false).await?;
-    let d = image::open(&dst, Some("qcow2"), false, false).await?;
+    let s = image::open(&src, Some("qcow2"), true, image::Cache::default()).await?;
+    let d = image::open(&dst, Some("qcow2"), false, image::Cache::default()).await?;
     let stats = copy(
         s.clone(),
         d.clone(),
@@ -48,7 +48,7 @@ pub async fn run(size: u64) -> Result<()> {
         size as f64 / secs / 1048576.0,
         stats.copied as f64 / secs / 1048576.0
     );
-    let d = image::open(&dst, Some("qcow2"), true, false).await?;
+    let d = image::open(&dst, Some("qcow2"), true, image::Cache::default()).await?;
     verify(&s, &d).await?;
     println!("demo: verified: the copy reads back identical to the source");
     qemu_checks(&src, &dst);

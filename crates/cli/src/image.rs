@@ -252,7 +252,7 @@ pub async fn open(
     path: &Path,
     format: Option<&str>,
     read_only: bool,
-    direct: bool,
+    cache: Cache,
 ) -> Result<Arc<BlockNode>> {
     let format = format.map(Format::parse).transpose()?;
     open_image(
@@ -260,9 +260,42 @@ pub async fn open(
         format,
         &OpenOptions {
             read_only,
-            direct,
+            direct: cache.direct,
+            no_flush: cache.no_flush,
             no_backing: false,
         },
     )
     .await
+}
+
+/// A QEMU cache mode (`-t`), as its two switches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cache {
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Flushes are ignored.
+    pub no_flush: bool,
+}
+
+impl Cache {
+    /// Parses a cache mode: `writeback` (default), `none` (O_DIRECT) or `unsafe` (no flushes).
+    pub fn parse(mode: &str) -> Result<Cache> {
+        match mode {
+            "writeback" => Ok(Cache::default()),
+            "none" => Ok(Cache {
+                direct: true,
+                no_flush: false,
+            }),
+            "unsafe" => Ok(Cache {
+                direct: false,
+                no_flush: true,
+            }),
+            "writethrough" | "directsync" => Err(BlockError::unsupported(format!(
+                "cache mode '{mode}' is not supported yet (use writeback, none or unsafe)"
+            ))),
+            other => Err(BlockError::invalid(format!(
+                "Invalid cache option: {other}"
+            ))),
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! `blockjob`: the offline image tool (and, from Step 2 on, the client of `blockjobd`).
 //!
-//! Commands: `info`, `create`, `map`, `copy`, `demo`. Each opens images through the same block
+//! Commands: `info`, `create`, `map`, `copy`, `bench`, `demo`. Each opens images through the same block
 //! layer and drivers the daemon uses.
 
+mod bench;
 mod copy;
 mod demo;
 mod image;
@@ -88,15 +89,57 @@ enum Command {
         /// Parallel copy workers.
         #[arg(short = 'm', long = "workers", default_value_t = 8)]
         workers: usize,
-        /// Open both images with O_DIRECT (cache.direct=on).
+        /// Open both images with O_DIRECT (cache.direct=on; the same as `-t none`).
         #[arg(long)]
         direct: bool,
+        /// Cache mode of the destination: writeback (flushed at the end), none (O_DIRECT) or
+        /// unsafe (never flushed, qemu-img convert's default).
+        #[arg(short = 't', long = "cache", default_value = "writeback")]
+        cache: String,
         /// Write compressed clusters (qcow2 output).
         #[arg(short = 'c', long)]
         compress: bool,
         /// Show progress (default: when stderr is a terminal).
         #[arg(short = 'p', long)]
         progress: bool,
+    },
+    /// Time a stream of requests on an image (the same options and output as `qemu-img bench`).
+    Bench {
+        /// Image file.
+        image: PathBuf,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Cache mode: writeback, none or unsafe.
+        #[arg(short = 't', long = "cache", default_value = "writeback")]
+        cache: String,
+        /// Number of requests.
+        #[arg(short = 'c', long = "count", default_value_t = 75000)]
+        count: u64,
+        /// Requests in flight at once.
+        #[arg(short = 'd', long = "depth", default_value_t = 64)]
+        depth: usize,
+        /// Offset of the first request.
+        #[arg(short = 'o', long = "offset", default_value = "0")]
+        offset: String,
+        /// Bytes per request.
+        #[arg(short = 's', long = "buffer-size", default_value = "4k")]
+        buffer_size: String,
+        /// Offset increment between requests (default: the buffer size).
+        #[arg(short = 'S', long = "step-size")]
+        step: Option<String>,
+        /// Write instead of read.
+        #[arg(short = 'w', long = "write")]
+        write: bool,
+        /// Byte to write (default 0).
+        #[arg(long = "pattern", default_value_t = 0)]
+        pattern: u8,
+        /// Flush after this many requests.
+        #[arg(long = "flush-interval", default_value_t = 0)]
+        flush_interval: u64,
+        /// Flush without waiting for the requests in flight.
+        #[arg(long = "no-drain")]
+        no_drain: bool,
     },
     /// Run the built-in demo: make a disk, copy it, verify the copy, report throughput.
     Demo {
@@ -134,7 +177,8 @@ async fn run(cmd: Command) -> Result<()> {
             format,
             json,
         } => {
-            let node = image::open(&image, format.as_deref(), true, false).await?;
+            let node =
+                image::open(&image, format.as_deref(), true, image::Cache::default()).await?;
             if json {
                 println!(
                     "{}",
@@ -158,7 +202,13 @@ async fn run(cmd: Command) -> Result<()> {
                 (Some(s), _) => image::parse_size(s)?,
                 (None, Some(b)) => {
                     let bpath = drivers::open::resolve_backing(&image, b);
-                    let node = image::open(&bpath, backing_format.as_deref(), true, false).await?;
+                    let node = image::open(
+                        &bpath,
+                        backing_format.as_deref(),
+                        true,
+                        image::Cache::default(),
+                    )
+                    .await?;
                     let len = node.len();
                     node.close().await?;
                     len
@@ -192,7 +242,8 @@ async fn run(cmd: Command) -> Result<()> {
             format,
             json,
         } => {
-            let node = image::open(&image, format.as_deref(), true, false).await?;
+            let node =
+                image::open(&image, format.as_deref(), true, image::Cache::default()).await?;
             let out = if json {
                 image::map_json(&node).await?
             } else {
@@ -209,10 +260,17 @@ async fn run(cmd: Command) -> Result<()> {
             options,
             workers,
             direct,
+            cache,
             compress,
             progress,
         } => {
-            let src_node = image::open(&src, format.as_deref(), true, direct).await?;
+            let mut cache = image::Cache::parse(&cache)?;
+            cache.direct |= direct;
+            let src_cache = image::Cache {
+                direct: cache.direct,
+                no_flush: false,
+            };
+            let src_node = image::open(&src, format.as_deref(), true, src_cache).await?;
             let fmt = Format::parse(&output_format)?;
             let size = src_node.len();
             let qopts = match fmt {
@@ -220,7 +278,7 @@ async fn run(cmd: Command) -> Result<()> {
                 Format::Raw => None,
             };
             image::create(&dst, fmt, size, qopts).await?;
-            let dst_node = image::open(&dst, Some(fmt.name()), false, direct).await?;
+            let dst_node = image::open(&dst, Some(fmt.name()), false, cache).await?;
             let progress = progress || std::io::stderr().is_terminal();
             let stats = copy::copy(
                 src_node.clone(),
@@ -242,6 +300,46 @@ async fn run(cmd: Command) -> Result<()> {
                 secs,
                 size as f64 / secs / f64::from(1 << 20)
             );
+            Ok(())
+        }
+        Command::Bench {
+            image,
+            format,
+            cache,
+            count,
+            depth,
+            offset,
+            buffer_size,
+            step,
+            write,
+            pattern,
+            flush_interval,
+            no_drain,
+        } => {
+            let cache = image::Cache::parse(&cache)?;
+            let buffer_size = image::parse_size(&buffer_size)?;
+            let opts = bench::BenchOptions {
+                count,
+                depth,
+                offset: image::parse_size(&offset)?,
+                buffer_size,
+                step: step
+                    .as_deref()
+                    .map(image::parse_size)
+                    .transpose()?
+                    .unwrap_or(buffer_size),
+                write,
+                pattern,
+                flush_interval,
+                no_drain,
+            };
+            let node = image::open(&image, format.as_deref(), !write, cache).await?;
+            println!("{}", opts.describe());
+            let result = bench::run(&node, &opts).await;
+            let closed = node.close().await;
+            let elapsed = result?;
+            closed?;
+            println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
             Ok(())
         }
         Command::Demo { size } => demo::run(image::parse_size(&size)?).await,

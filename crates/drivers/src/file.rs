@@ -30,6 +30,8 @@ pub struct FileOptions {
     pub read_only: bool,
     /// `cache.direct`: bypass the host page cache (O_DIRECT).
     pub direct: bool,
+    /// `cache.no-flush`: ignore flushes (QEMU's cache=unsafe); a host crash can lose data.
+    pub no_flush: bool,
 }
 
 impl FileOptions {
@@ -39,6 +41,7 @@ impl FileOptions {
             filename: filename.into(),
             read_only: false,
             direct: false,
+            no_flush: false,
         }
     }
 }
@@ -280,7 +283,7 @@ impl BlockDriver for FileDriver {
     }
 
     async fn flush(&self) -> Result<()> {
-        if self.options.read_only {
+        if self.options.read_only || self.options.no_flush {
             return Ok(());
         }
         self.sync().await

@@ -44,6 +44,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// O_DIRECT on every file of the chain.
     pub direct: bool,
+    /// Ignore flushes (cache=unsafe).
+    pub no_flush: bool,
     /// Do not open the backing file.
     pub no_backing: bool,
 }
@@ -97,6 +99,7 @@ async fn open_layer(
         filename: path.to_path_buf(),
         read_only: !writable,
         direct: opts.direct,
+        no_flush: opts.no_flush,
     };
     let file_node = BlockNode::new(
         format!("{}#file", path.display()),
