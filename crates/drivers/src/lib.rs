@@ -11,6 +11,7 @@
 //! they make goes through the generic request path.
 
 pub mod file;
+pub mod mem;
 pub mod null;
 pub mod open;
 pub mod qcow2;

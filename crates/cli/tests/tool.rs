@@ -1,5 +1,5 @@
-//! `blockjob map --json` prints what `qemu-img map --output=json` prints, and `info`/`copy`
-//! produce images QEMU agrees with.
+//! The `blockjob` tool against QEMU's: `map --json` prints what `qemu-img map --output=json`
+//! prints, `copy` produces images QEMU agrees with, `bench` behaves like `qemu-img bench`.
 
 use std::path::Path;
 use std::process::Command;
@@ -156,4 +156,54 @@ fn copy_keeps_content_and_sparseness() {
             "copy stays sparse: {info}"
         );
     }
+}
+
+/// `blockjob bench` prints what `qemu-img bench` prints, writes where `qemu-img bench` writes
+/// (offsets wrap at the end of the image) and leaves a clean image.
+#[test]
+fn bench_writes_like_qemu_img_bench() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    for img in [&ours, &theirs] {
+        run("qemu-img", &["create", "-q", "-f", "qcow2", s(img), "8M"]);
+    }
+    let args = [
+        "bench",
+        "-w",
+        "--pattern",
+        "7",
+        "-c",
+        "40",
+        "-d",
+        "4",
+        "-s",
+        "6k",
+        "-S",
+        "3M",
+    ];
+    let ours_out = bj(&[&args[..], &[s(&ours)]].concat());
+    let theirs_out = run("qemu-img", &[&args[..], &[s(&theirs)]].concat());
+    let first = |t: &str| t.lines().next().unwrap_or_default().to_string();
+    assert_eq!(first(&ours_out), first(&theirs_out));
+    assert!(ours_out.contains("Run completed in "), "{ours_out}");
+    let check = run("qemu-img", &["check", s(&ours)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let cmp = run("qemu-img", &["compare", s(&ours), s(&theirs)]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
+
+/// Bad bench options are refused with a message naming the problem.
+#[test]
+fn bench_refuses_bad_options() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("b.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_blockjob"))
+        .args(["bench", "-o", "2M", s(&img)])
+        .output()
+        .expect("runnable");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past the end of the image"), "{err}");
 }
