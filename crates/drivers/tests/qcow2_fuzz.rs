@@ -40,6 +40,24 @@ fn seed_images_open() {
     }
 }
 
+/// Inputs the fuzzers found problems with (fuzz/regressions/qcow2_open) stay fixed.
+#[test]
+fn past_fuzz_findings_stay_fixed() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/qcow2_open");
+    let entries = std::fs::read_dir(&dir).expect("regression inputs");
+    for entry in entries.filter_map(|e| e.ok()) {
+        let image = std::fs::read(entry.path()).expect("read input");
+        let start = std::time::Instant::now();
+        RT.block_on(harness::exercise(&image));
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{} took {:?}",
+            entry.path().display(),
+            start.elapsed()
+        );
+    }
+}
+
 /// Overwrites: (position, byte). Most land in the first clusters, where the metadata lives.
 fn mutations() -> impl Strategy<Value = Vec<(usize, u8)>> {
     let pos = prop_oneof![

@@ -493,6 +493,7 @@ impl Meta {
                 "image file would exceed 2^56 bytes",
             ));
         }
+        self.check_range_unused(off, self.rb_entries() * self.cs)?;
         let mut data = vec![0u8; self.cs as usize];
         set_refcount(&mut data, 0, self.header.refcount_order, 1);
         self.write_bytes(off, data.clone()).await?;
@@ -503,6 +504,34 @@ impl Meta {
         self.rb.insert(off, Cached::clean(data, self.tick));
         self.end_cluster = self.end_cluster.max(bi * self.rb_entries() + 1);
         Ok(off)
+    }
+
+    /// A range without a refcount block must hold none of the metadata we know of (header, L1
+    /// table, refcount table). If it does, the refcount table is corrupt and writing a block
+    /// there would destroy the image: refuse, as QEMU's overlap checks do.
+    fn check_range_unused(&self, off: u64, len: u64) -> Result<()> {
+        let cs = self.cs;
+        let l1_len = (self.l1.len() as u64 * 8).div_ceil(cs).max(1) * cs;
+        let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
+        let known = [
+            ("the header", 0, cs),
+            ("the L1 table", self.header.l1_table_offset, l1_len),
+            (
+                "the refcount table",
+                self.header.refcount_table_offset,
+                rt_len,
+            ),
+        ];
+        for (what, start, n) in known {
+            if start < off + len && off < start + n {
+                return Err(BlockError::corrupt(format!(
+                    "no refcount block covers {what} (refcount table entry {} is empty); \
+                     repair the image with 'qemu-img check -r all'",
+                    off / (self.rb_entries() * cs)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Moves the refcount table to a bigger one that has an entry for block `min_bi`. The new
