@@ -264,10 +264,11 @@ async fn run(cmd: Command) -> Result<()> {
             compress,
             progress,
         } => {
+            // `-t` is the destination's cache mode, as in qemu-img; `--direct` covers both.
             let mut cache = image::Cache::parse(&cache)?;
             cache.direct |= direct;
             let src_cache = image::Cache {
-                direct: cache.direct,
+                direct,
                 no_flush: false,
             };
             let src_node = image::open(&src, format.as_deref(), true, src_cache).await?;
