@@ -75,13 +75,8 @@ impl Op {
     }
 }
 
-/// The requests of generation `gen`, run concurrently by the child.
-fn generation(gen: u64) -> Vec<Op> {
-    generation_in(gen, SIZE)
-}
-
-/// The requests of generation `gen` on a disk of `size` bytes.
-fn generation_in(gen: u64, size: u64) -> Vec<Op> {
+/// The requests of generation `gen` on a disk of `size` bytes, run concurrently.
+fn generation(gen: u64, size: u64) -> Vec<Op> {
     let mut rng = Rng(gen.wrapping_mul(0x2545_f491_4f6c_dd1d));
     let mut ops = Vec::new();
     let n = 1 + rng.below(12);
@@ -124,6 +119,22 @@ async fn run(node: &Arc<BlockNode>, op: Op) -> block::Result<()> {
     }
 }
 
+/// Runs the requests of generation `gen` concurrently; returns the last error, if any.
+async fn run_generation(node: &Arc<BlockNode>, gen: u64, size: u64) -> Option<block::BlockError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for op in generation(gen, size) {
+        let node = node.clone();
+        tasks.spawn(async move { run(&node, op).await });
+    }
+    let mut failed = None;
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res.expect("join") {
+            failed = Some(e);
+        }
+    }
+    failed
+}
+
 /// The child: writes generations from `CRASH_START` on until it is killed.
 #[test]
 #[ignore = "run by the crash tests as their child process"]
@@ -144,13 +155,8 @@ fn crash_child() {
         let node = open_rw(Path::new(&path)).await;
         let mut out = std::io::stdout();
         for gen in start.. {
-            let mut tasks = tokio::task::JoinSet::new();
-            for op in generation(gen) {
-                let node = node.clone();
-                tasks.spawn(async move { run(&node, op).await });
-            }
-            while let Some(res) = tasks.join_next().await {
-                res.expect("join").expect("request");
+            if let Some(e) = run_generation(&node, gen, SIZE).await {
+                panic!("request: {e}");
             }
             node.flush().await.expect("flush");
             writeln!(out, "flushed {gen}").expect("stdout");
@@ -163,12 +169,8 @@ fn crash_child() {
 struct Model(Vec<Option<u8>>);
 
 impl Model {
-    fn apply(&mut self, gen: u64) {
-        self.apply_in(gen, SIZE);
-    }
-
-    fn apply_in(&mut self, gen: u64, size: u64) {
-        let ops = generation_in(gen, size);
+    fn apply(&mut self, gen: u64, size: u64) {
+        let ops = generation(gen, size);
         for (i, op) in ops.iter().enumerate() {
             let (s, e) = op.range();
             let overlapped = |pos: u64| {
@@ -191,12 +193,8 @@ impl Model {
     }
 
     /// Marks what generation `gen` may have partly written as uncertain.
-    fn unsettle(&mut self, gen: u64) {
-        self.unsettle_in(gen, SIZE);
-    }
-
-    fn unsettle_in(&mut self, gen: u64, size: u64) {
-        for op in generation_in(gen, size) {
+    fn unsettle(&mut self, gen: u64, size: u64) {
+        for op in generation(gen, size) {
             let (s, e) = op.range();
             self.0[s as usize..e as usize].fill(None);
         }
@@ -257,12 +255,8 @@ fn check_no_corruption(path: &Path) -> u64 {
     field("leaks")
 }
 
-async fn verify(path: &Path, model: &mut Model) {
-    verify_in(path, model, SIZE).await;
-}
-
 /// Compares the image with the model, then learns the uncertain bytes from it.
-async fn verify_in(path: &Path, model: &mut Model, size: u64) {
+async fn verify(path: &Path, model: &mut Model, size: u64) {
     let node = open_ro(path).await;
     let chunk = (4 << 20).min(size as usize);
     for off in (0..size).step_by(chunk) {
@@ -306,13 +300,13 @@ fn crash_loop(opts: CreateOptions) {
         let last = run_child_until(&path, next, delay);
         let done = last.map_or(next - 1, |l| l);
         for gen in next..=done {
-            model.apply(gen);
+            model.apply(gen, SIZE);
         }
-        model.unsettle(done + 1);
+        model.unsettle(done + 1, SIZE);
         acknowledged += done + 1 - next;
         let leaks = check_no_corruption(&path);
         eprintln!("round {round}: killed after {delay:?}, generation {done}, {leaks} leaks");
-        rt.block_on(verify(&path, &mut model));
+        rt.block_on(verify(&path, &mut model, SIZE));
         next = done + 2;
     }
     assert!(
@@ -432,17 +426,7 @@ async fn run_until_crash_point(path: &Path, opts: &CreateOptions, budget: u64) -
     let node = BlockNode::new("crash", Arc::new(qcow2));
     let mut flushed = 0;
     for gen in 1..=POINT_GENERATIONS {
-        let mut tasks = tokio::task::JoinSet::new();
-        for op in generation_in(gen, POINT_SIZE) {
-            let node = node.clone();
-            tasks.spawn(async move { run(&node, op).await });
-        }
-        let mut failed = None;
-        while let Some(res) = tasks.join_next().await {
-            if let Err(e) = res.expect("join") {
-                failed = Some(e);
-            }
-        }
+        let failed = run_generation(&node, gen, POINT_SIZE).await;
         let flush = node.flush().await;
         if file.crashed() {
             // The process is dead from here on; what its driver thinks no longer matters.
@@ -472,13 +456,13 @@ fn every_crash_point(opts: CreateOptions) {
         let (flushed, crashed) = rt.block_on(run_until_crash_point(&path, &opts, budget));
         let mut model = Model(vec![Some(0); POINT_SIZE as usize]);
         for gen in 1..=flushed {
-            model.apply_in(gen, POINT_SIZE);
+            model.apply(gen, POINT_SIZE);
         }
         for gen in flushed + 1..=POINT_GENERATIONS {
-            model.unsettle_in(gen, POINT_SIZE);
+            model.unsettle(gen, POINT_SIZE);
         }
         let leaks = check_no_corruption(&path);
-        rt.block_on(verify_in(&path, &mut model, POINT_SIZE));
+        rt.block_on(verify(&path, &mut model, POINT_SIZE));
         tried += 1;
         if !crashed {
             eprintln!("{tried} crash points tried, the last with {leaks} leaks");
