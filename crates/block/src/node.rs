@@ -15,6 +15,7 @@
 //! to the new node, never to the old one. That is what makes inserting a filter atomic.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use async_trait::async_trait;
@@ -94,6 +95,9 @@ pub struct BlockNode {
     locks: RangeLocks,
     hooks: RwLock<Vec<Arc<dyn BeforeWriteHook>>>,
     parents: Mutex<Vec<Weak<Child>>>,
+    /// QEMU's `discard=ignore`: discards succeed without reaching the driver, and
+    /// write-zeroes may not deallocate.
+    discard_ignored: AtomicBool,
 }
 
 impl fmt::Debug for BlockNode {
@@ -219,7 +223,19 @@ impl BlockNode {
             locks: RangeLocks::new(),
             hooks: RwLock::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
+            discard_ignored: AtomicBool::new(false),
         })
+    }
+
+    /// Sets QEMU's `discard` option: `ignore` (true) drops discards at this node and keeps
+    /// write-zeroes from deallocating; `unmap` (false, the default here) passes them on.
+    pub fn set_discard_ignored(&self, ignored: bool) {
+        self.discard_ignored.store(ignored, Ordering::Relaxed);
+    }
+
+    /// True when discards are dropped at this node (`discard=ignore`).
+    pub fn discard_ignored(&self) -> bool {
+        self.discard_ignored.load(Ordering::Relaxed)
     }
 
     /// The node-name.
@@ -474,6 +490,10 @@ impl BlockNode {
     }
 
     async fn write_zeroes_entered(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && !self.discard_ignored(),
+            ..flags
+        };
         self.check_writable()?;
         self.check_bounds(offset, len)?;
         if len == 0 {
@@ -530,6 +550,9 @@ impl BlockNode {
     async fn discard_entered(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, len)?;
+        if self.discard_ignored() {
+            return Ok(());
+        }
         let align = u64::from(self.facts.request_alignment);
         let (start, end) = (align_up(offset, align), align_down(offset + len, align));
         if start >= end {

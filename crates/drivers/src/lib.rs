@@ -10,6 +10,7 @@
 //! drivers (`raw`, `qcow2`) reach their `file` child only through child edges, so every request
 //! they make goes through the generic request path.
 
+pub mod blkdebug;
 pub mod file;
 pub mod mem;
 pub mod null;

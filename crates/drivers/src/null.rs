@@ -14,12 +14,22 @@ pub const DEFAULT_NULL_SIZE: u64 = 1 << 30;
 #[derive(Debug)]
 pub struct NullDriver {
     size: u64,
+    writable: bool,
 }
 
 impl NullDriver {
     /// A null disk of `size` bytes.
     pub fn new(size: u64) -> Self {
-        Self { size }
+        Self {
+            size,
+            writable: true,
+        }
+    }
+
+    /// The same disk, refusing writes when `read_only`.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.writable = !read_only;
+        self
     }
 }
 
@@ -32,7 +42,7 @@ impl BlockDriver for NullDriver {
         self.size
     }
     fn writable(&self) -> bool {
-        true
+        self.writable
     }
     async fn read(&self, _offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
         buf.fill(0);

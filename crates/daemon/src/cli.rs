@@ -1,0 +1,340 @@
+//! qemu-storage-daemon's command line, parsed into start-up items run in order.
+//!
+//! `--blockdev` becomes a `blockdev-add` command checked by the same schema and run by the
+//! same handler as over QMP; `--chardev` and `--monitor` set up QMP sockets; the rest is
+//! parsed and refused with a message naming the option when we cannot honour it.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::keyval;
+
+/// The `--help` text.
+pub const HELP: &str = "\
+Usage: blockjobd [options]
+A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
+
+  -h, --help                display this help and exit
+  -V, --version             output version information and exit
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,detect-zeroes=off][,<driver options>]
+  --blockdev <JSON>
+                            configure a block node (drivers: file, raw, qcow2,
+                            null-co, blkdebug); runs blockdev-add
+  --chardev socket,id=<id>,path=<file>[,server=on][,wait=on|off]
+  --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=on|off]
+                            a QMP listening socket (unix sockets are mode 0600)
+  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
+                            serve QMP on the chardev <id>
+  --nbd-server <options>    parsed; NBD serving arrives in a later version
+  --export <options>        parsed; NBD serving arrives in a later version
+  --object <options>        no object types are supported yet
+  --pidfile <path>          write the process ID to <path>
+  --daemonize               detach once start-up succeeded
+
+Values use QEMU's key=value syntax: ',,' is a literal comma, dotted keys nest
+(file.filename=a.img). Options are applied in order; an invalid one stops start-up
+with exit status 1.
+";
+
+/// What to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Print help.
+    Help,
+    /// Print the version.
+    Version,
+    /// Run the daemon.
+    Run(Config),
+}
+
+/// The daemon's configuration, in command-line order.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Start-up items.
+    pub items: Vec<Item>,
+    /// `--pidfile`.
+    pub pidfile: Option<PathBuf>,
+    /// `--daemonize`.
+    pub daemonize: bool,
+}
+
+/// Where a chardev listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Tcp(String, u16),
+}
+
+/// One start-up item.
+#[derive(Debug)]
+pub enum Item {
+    /// `--blockdev`: the arguments of a `blockdev-add`.
+    Blockdev {
+        /// The arguments.
+        args: Map<String, Value>,
+        /// From key=value text (values are strings to convert).
+        keyval: bool,
+    },
+    /// `--chardev socket`.
+    Chardev {
+        /// The id monitors refer to.
+        id: String,
+        /// The address.
+        listen: Listen,
+        /// Wait for a client before going on with start-up.
+        wait: bool,
+    },
+    /// `--monitor`.
+    Monitor {
+        /// The chardev id.
+        chardev: String,
+        /// Pretty-print replies.
+        pretty: bool,
+    },
+}
+
+/// A start-up error, naming the option.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(option: &str, msg: impl std::fmt::Display) -> CliError {
+    CliError(format!("--{option}: {msg}"))
+}
+
+const WITH_VALUE: &[&str] = &[
+    "blockdev",
+    "chardev",
+    "monitor",
+    "nbd-server",
+    "export",
+    "object",
+    "pidfile",
+    "trace",
+];
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Action, CliError> {
+    let mut config = Config::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Action::Help),
+            "-V" | "--version" => return Ok(Action::Version),
+            "--daemonize" => {
+                config.daemonize = true;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(long) = arg.strip_prefix("--") else {
+            return Err(CliError(format!("Unexpected argument: {arg}")));
+        };
+        let (name, inline) = match long.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_owned())),
+            None => (long, None),
+        };
+        if !WITH_VALUE.contains(&name) {
+            return Err(CliError(format!("unrecognized option '{arg}'")));
+        }
+        let value = match inline.or_else(|| args.next()) {
+            Some(v) => v,
+            None => return Err(CliError(format!("option '--{name}' requires an argument"))),
+        };
+        apply(&mut config, name, &value)?;
+    }
+    Ok(Action::Run(config))
+}
+
+fn apply(config: &mut Config, name: &str, value: &str) -> Result<(), CliError> {
+    match name {
+        "blockdev" => {
+            let (args, keyval) = keyval::parse_option(value, None).map_err(|e| err(name, e))?;
+            config.items.push(Item::Blockdev { args, keyval });
+        }
+        "chardev" => config.items.push(chardev(value)?),
+        "monitor" => config.items.push(monitor(value)?),
+        "nbd-server" | "export" => {
+            keyval::parse_option(value, (name == "export").then_some("type"))
+                .map_err(|e| err(name, e))?;
+            return Err(err(
+                name,
+                "NBD exports are not served by this version of blockjobd yet",
+            ));
+        }
+        "object" => {
+            let (m, _) = keyval::parse_option(value, Some("qom-type")).map_err(|e| err(name, e))?;
+            let ty = m.get("qom-type").and_then(Value::as_str).unwrap_or("");
+            return Err(err(
+                name,
+                format!("object type '{ty}' is not supported by blockjobd"),
+            ));
+        }
+        "pidfile" => config.pidfile = Some(PathBuf::from(value)),
+        "trace" => return Err(err(name, "tracing is not supported by blockjobd")),
+        _ => return Err(CliError(format!("unrecognized option '--{name}'"))),
+    }
+    Ok(())
+}
+
+fn take_str(m: &mut Map<String, Value>, key: &str) -> Option<String> {
+    match m.remove(key) {
+        Some(Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+        None => None,
+    }
+}
+
+fn take_bool(
+    m: &mut Map<String, Value>,
+    key: &str,
+    option: &str,
+) -> Result<Option<bool>, CliError> {
+    match take_str(m, key).as_deref() {
+        None => Ok(None),
+        Some("on" | "yes" | "true") => Ok(Some(true)),
+        Some("off" | "no" | "false") => Ok(Some(false)),
+        Some(other) => Err(err(
+            option,
+            format!("Parameter '{key}' expects 'on' or 'off', not '{other}'"),
+        )),
+    }
+}
+
+fn no_leftovers(m: &Map<String, Value>, option: &str) -> Result<(), CliError> {
+    match m.keys().next() {
+        Some(k) => Err(err(option, format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn chardev(value: &str) -> Result<Item, CliError> {
+    let o = "chardev";
+    let mut m = keyval::parse(value, Some("backend")).map_err(|e| err(o, e))?;
+    let backend = take_str(&mut m, "backend").unwrap_or_default();
+    if backend != "socket" {
+        return Err(err(
+            o,
+            format!("chardev backend '{backend}' is not supported (only 'socket')"),
+        ));
+    }
+    let id = take_str(&mut m, "id").ok_or_else(|| err(o, "Parameter 'id' is missing"))?;
+    if take_bool(&mut m, "server", o)? != Some(true) {
+        return Err(err(
+            o,
+            "only server=on sockets are supported: blockjobd listens",
+        ));
+    }
+    let wait = take_bool(&mut m, "wait", o)?.unwrap_or(true);
+    let listen = match (
+        take_str(&mut m, "path"),
+        take_str(&mut m, "host"),
+        take_str(&mut m, "port"),
+    ) {
+        (Some(p), None, None) => Listen::Unix(PathBuf::from(p)),
+        (None, host, Some(port)) => {
+            let port = port.parse().map_err(|_| {
+                err(
+                    o,
+                    format!("Parameter 'port' expects a port number, not '{port}'"),
+                )
+            })?;
+            Listen::Tcp(host.unwrap_or_else(|| "0.0.0.0".into()), port)
+        }
+        _ => return Err(err(o, "give either path=, or host= and port=")),
+    };
+    no_leftovers(&m, o)?;
+    Ok(Item::Chardev { id, listen, wait })
+}
+
+fn monitor(value: &str) -> Result<Item, CliError> {
+    let o = "monitor";
+    let mut m = keyval::parse(value, Some("chardev")).map_err(|e| err(o, e))?;
+    let chardev =
+        take_str(&mut m, "chardev").ok_or_else(|| err(o, "Parameter 'chardev' is missing"))?;
+    if let Some(mode) = take_str(&mut m, "mode") {
+        if mode != "control" {
+            return Err(err(
+                o,
+                format!("mode '{mode}' is not supported (only 'control')"),
+            ));
+        }
+    }
+    let pretty = take_bool(&mut m, "pretty", o)?.unwrap_or(false);
+    m.remove("id");
+    no_leftovers(&m, o)?;
+    Ok(Item::Monitor { chardev, pretty })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, CliError> {
+        match parse(args.iter().map(|s| (*s).to_owned()))? {
+            Action::Run(c) => Ok(c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn qsd_command_line() {
+        let c = run(&[
+            "--blockdev",
+            "driver=file,node-name=f,filename=a,,b.img",
+            "--chardev",
+            "socket,id=m,path=/tmp/q.sock,server=on,wait=off",
+            "--monitor=chardev=m,pretty=on",
+            "--pidfile",
+            "/tmp/p",
+            "--daemonize",
+        ])
+        .expect("ok");
+        assert!(c.daemonize);
+        assert_eq!(c.items.len(), 3);
+        match &c.items[0] {
+            Item::Blockdev { args, keyval } => {
+                assert!(keyval);
+                assert_eq!(args["filename"], "a,b.img");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &c.items[1] {
+            Item::Chardev { id, listen, wait } => {
+                assert_eq!(id, "m");
+                assert_eq!(listen, &Listen::Unix("/tmp/q.sock".into()));
+                assert!(!wait);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&c.items[2], Item::Monitor { pretty: true, .. }));
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let e = run(&["--chardev", "socket,id=m,path=x,server=off"]).expect_err("client");
+        assert!(e.0.starts_with("--chardev: "), "{e}");
+        let e = run(&["--object", "secret,id=s,data=x"]).expect_err("object");
+        assert_eq!(
+            e.0,
+            "--object: object type 'secret' is not supported by blockjobd"
+        );
+        assert!(run(&["--bogus"]).is_err());
+        assert!(run(&["--blockdev"]).is_err());
+        assert!(run(&["--monitor", "chardev=m,mode=readline"]).is_err());
+        let e = run(&["--export", "type=nbd,id=e,node-name=d"]).expect_err("nbd");
+        assert!(e.0.starts_with("--export: "));
+    }
+}

@@ -1,0 +1,91 @@
+//! The control plane: one owner of the daemon's state applies commands one at a time.
+//!
+//! QMP sessions and start-up options reach the same [`Control::execute`]; sessions through a
+//! channel ([`ControlHandle`], the QMP dispatcher), start-up options directly before any
+//! session exists. Nothing else mutates the node registry.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use qmp::{QmpError, QmpResult, Schema};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::commands;
+use crate::nodes::Nodes;
+
+/// The daemon's state, owned by the control loop.
+#[derive(Debug)]
+pub struct Control {
+    /// Named nodes.
+    pub nodes: Nodes,
+    /// What we implement.
+    pub schema: Arc<Schema>,
+    /// The `package` string of `query-version`.
+    pub package: String,
+    /// Set to true to shut the daemon down.
+    pub shutdown: Arc<watch::Sender<bool>>,
+}
+
+/// A command on its way to the control loop.
+#[derive(Debug)]
+struct Call {
+    command: String,
+    arguments: Map<String, Value>,
+    reply: oneshot::Sender<QmpResult<Value>>,
+}
+
+/// The sending side of the control loop: what monitors dispatch through.
+#[derive(Clone, Debug)]
+pub struct ControlHandle(mpsc::Sender<Call>);
+
+impl Control {
+    /// Runs one checked command.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Map<String, Value>,
+    ) -> QmpResult<Value> {
+        commands::execute(self, command, arguments).await
+    }
+
+    /// Starts the loop; it ends when the daemon shuts down and hands the state back.
+    pub fn spawn(mut self) -> (ControlHandle, tokio::task::JoinHandle<Control>) {
+        let (tx, mut rx) = mpsc::channel::<Call>(64);
+        let mut stop = self.shutdown.subscribe();
+        let task = tokio::spawn(async move {
+            loop {
+                if *stop.borrow() {
+                    break;
+                }
+                let call = tokio::select! {
+                    c = rx.recv() => match c {
+                        Some(c) => c,
+                        None => break,
+                    },
+                    _ = stop.changed() => continue,
+                };
+                let result = self.execute(&call.command, call.arguments).await;
+                // The caller may have gone (client disconnected mid-command): nothing to do.
+                let _ = call.reply.send(result);
+            }
+            self
+        });
+        (ControlHandle(tx), task)
+    }
+}
+
+#[async_trait]
+impl qmp::Dispatcher for ControlHandle {
+    async fn dispatch(&self, command: &str, arguments: Map<String, Value>) -> QmpResult<Value> {
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            command: command.to_owned(),
+            arguments,
+            reply,
+        };
+        let gone = || QmpError::generic("blockjobd is shutting down");
+        self.0.send(call).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}

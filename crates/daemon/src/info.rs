@@ -1,0 +1,113 @@
+//! What `query-named-block-nodes` reports about a node (QEMU's BlockDeviceInfo and ImageInfo).
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use block::{BlockNode, ChildRole, InfoValue};
+use serde_json::{json, Map, Value};
+
+use crate::nodes::{NodeEntry, Nodes};
+
+fn info_value(v: &InfoValue) -> Value {
+    match v {
+        InfoValue::Str(s) => json!(s),
+        InfoValue::Bool(b) => json!(b),
+        InfoValue::Int(i) => json!(i),
+    }
+}
+
+fn backing_of(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
+    node.child(ChildRole::Backing).map(|c| c.node())
+}
+
+fn backing_depth(node: &Arc<BlockNode>) -> u64 {
+    let mut depth = 0;
+    let mut at = backing_of(node);
+    while let Some(n) = at {
+        depth += 1;
+        at = backing_of(&n);
+    }
+    depth
+}
+
+/// ImageInfo of `entry`'s node; with `chain`, the backing images nest as `backing-image`.
+fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
+    let node = &entry.node;
+    let driver = node.driver();
+    let info = driver.image_info();
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(node.len()));
+    m.insert("filename".into(), json!(entry.filename));
+    if let Some(cluster) = driver.facts().cluster_size {
+        m.insert("cluster-size".into(), json!(cluster));
+    }
+    m.insert("format".into(), json!(driver.driver_name()));
+    if let Some(size) = entry
+        .host_file
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|md| md.blocks() * 512)
+    {
+        m.insert("actual-size".into(), json!(size));
+    }
+    if matches!(driver.driver_name(), "qcow2" | "file") {
+        let data: Map<String, Value> = info
+            .specific
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), info_value(v)))
+            .collect();
+        m.insert(
+            "format-specific".into(),
+            json!({"type": driver.driver_name(), "data": data}),
+        );
+    }
+    m.insert("dirty-flag".into(), json!(info.dirty));
+    if let Some(backing) = backing_of(node) {
+        let backing_entry = nodes.entry_of(&backing);
+        let full = backing_entry.map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());
+        m.insert(
+            "backing-filename".into(),
+            json!(info.backing_file.clone().unwrap_or_else(|| full.clone())),
+        );
+        m.insert("full-backing-filename".into(), json!(full));
+        if let Some(fmt) = &info.backing_format {
+            m.insert("backing-filename-format".into(), json!(fmt));
+        }
+        if chain {
+            if let Some(be) = backing_entry {
+                m.insert("backing-image".into(), image_info(nodes, be, true));
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+/// BlockDeviceInfo of one node.
+pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value {
+    let node = &entry.node;
+    let mut m = Map::new();
+    m.insert("file".into(), json!(entry.filename));
+    m.insert("node-name".into(), json!(node.name()));
+    m.insert("ro".into(), json!(entry.read_only));
+    m.insert("drv".into(), json!(node.driver().driver_name()));
+    if let Some(backing) = backing_of(node) {
+        let name = nodes
+            .entry_of(&backing)
+            .map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());
+        m.insert("backing_file".into(), json!(name));
+    }
+    m.insert("backing_file_depth".into(), json!(backing_depth(node)));
+    m.insert("active".into(), json!(true));
+    m.insert("encrypted".into(), json!(false));
+    m.insert("detect_zeroes".into(), json!("off"));
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        m.insert(k.into(), json!(0));
+    }
+    m.insert("image".into(), image_info(nodes, entry, !flat));
+    m.insert(
+        "cache".into(),
+        json!({"writeback": true, "direct": entry.cache.direct, "no-flush": entry.cache.no_flush}),
+    );
+    m.insert("write_threshold".into(), json!(0));
+    Value::Object(m)
+}

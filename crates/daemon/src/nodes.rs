@@ -1,0 +1,615 @@
+//! The daemon's named nodes: opening them from `blockdev-add` options, deleting them, closing
+//! everything at shutdown.
+//!
+//! Children given inline (`file: {…}`) become implicit nodes named `#blockNNN`, owned by their
+//! parent, and go away with it; children given by name (`file: "f0"`) are shared. Opening is
+//! all-or-nothing: a failure closes every node the command had opened so far.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole};
+use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
+use drivers::file::{FileDriver, FileOptions};
+use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
+use drivers::qcow2::{self, Qcow2Driver};
+use drivers::raw::RawDriver;
+use qmp::{QmpError, QmpResult};
+use serde_json::{json, Map, Value};
+
+/// Longest node-name QEMU accepts is 31 bytes.
+const MAX_NODE_NAME: usize = 31;
+
+/// Deepest backing chain opened from image headers.
+const MAX_CHAIN: usize = 64;
+
+/// The cache mode of a node (`cache.direct`, `cache.no-flush`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheMode {
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Flushes are ignored.
+    pub no_flush: bool,
+}
+
+/// A named node and what the queries report about it.
+#[derive(Debug)]
+pub struct NodeEntry {
+    /// The node.
+    pub node: Arc<BlockNode>,
+    /// Created by `blockdev-add` at top level (only those can be deleted by the user).
+    pub monitor_owned: bool,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// The file name QEMU shows for the node.
+    pub filename: String,
+    /// The host file under the node, for `actual-size`.
+    pub host_file: Option<PathBuf>,
+    /// Creation order.
+    pub seq: u64,
+}
+
+/// All named nodes.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    entries: BTreeMap<String, NodeEntry>,
+    seq: u64,
+    auto_names: u64,
+}
+
+/// Options children inherit from their parent unless they set them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Inherited {
+    read_only: bool,
+    auto_read_only: bool,
+    cache: CacheMode,
+    discard_unmap: bool,
+}
+
+/// Nodes opened by one command so far, closed again if the command fails.
+#[derive(Debug, Default)]
+struct Opening {
+    created: Vec<String>,
+    chain: Vec<PathBuf>,
+}
+
+/// The text of a block error as QEMU prints it (strerror without Rust's "(os error N)").
+pub fn error_text(e: &BlockError) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_owned(),
+        _ => s,
+    }
+}
+
+fn generic(e: BlockError) -> QmpError {
+    QmpError::generic(error_text(&e))
+}
+
+/// QEMU's node-name rules: a letter first, then letters, digits, `-`, `.`, `_`; at most 31.
+pub fn check_node_name(name: &str) -> QmpResult<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(QmpError::generic(format!("Invalid node-name: '{name}'")));
+    }
+    if name.len() > MAX_NODE_NAME {
+        return Err(QmpError::generic("Node name too long"));
+    }
+    Ok(())
+}
+
+fn get_bool(m: &Map<String, Value>, key: &str) -> Option<bool> {
+    m.get(key).and_then(Value::as_bool)
+}
+
+fn get_u64(m: &Map<String, Value>, key: &str) -> Option<u64> {
+    m.get(key).and_then(Value::as_u64)
+}
+
+fn get_str<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    m.get(key).and_then(Value::as_str)
+}
+
+impl Nodes {
+    /// The entry named `name`.
+    pub fn get(&self, name: &str) -> Option<&NodeEntry> {
+        self.entries.get(name)
+    }
+
+    /// Entries, newest first (the order QEMU lists them).
+    pub fn newest_first(&self) -> Vec<(&String, &NodeEntry)> {
+        let mut v: Vec<_> = self.entries.iter().collect();
+        v.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
+        v
+    }
+
+    /// The entry whose node is `node`.
+    pub fn entry_of(&self, node: &Arc<BlockNode>) -> Option<&NodeEntry> {
+        self.entries.get(node.name())
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// `blockdev-add` with checked options.
+    pub async fn add(&mut self, opts: &Map<String, Value>) -> QmpResult<()> {
+        if get_str(opts, "node-name").is_none() {
+            return Err(QmpError::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let mut opening = Opening::default();
+        match self
+            .open(opts, Inherited::default(), &mut opening, true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                for name in opening.created.iter().rev() {
+                    self.close_and_remove(name).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open<'a>(
+        &'a mut self,
+        opts: &'a Map<String, Value>,
+        inherit: Inherited,
+        opening: &'a mut Opening,
+        monitor_owned: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = QmpResult<Arc<BlockNode>>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let name = match get_str(opts, "node-name") {
+                Some(n) => {
+                    check_node_name(n)?;
+                    n.to_owned()
+                }
+                None => self.auto_name(),
+            };
+            if self.entries.contains_key(&name) {
+                return Err(QmpError::generic(format!(
+                    "Duplicate nodes with node-name='{name}'"
+                )));
+            }
+            let cache = opts.get("cache").and_then(Value::as_object);
+            let own = Inherited {
+                read_only: get_bool(opts, "read-only").unwrap_or(inherit.read_only),
+                auto_read_only: get_bool(opts, "auto-read-only").unwrap_or(inherit.auto_read_only),
+                cache: CacheMode {
+                    direct: cache
+                        .and_then(|c| get_bool(c, "direct"))
+                        .unwrap_or(inherit.cache.direct),
+                    no_flush: cache
+                        .and_then(|c| get_bool(c, "no-flush"))
+                        .unwrap_or(inherit.cache.no_flush),
+                },
+                discard_unmap: get_str(opts, "discard")
+                    .map_or(inherit.discard_unmap, |d| d == "unmap"),
+            };
+            let driver = get_str(opts, "driver").unwrap_or_default().to_owned();
+            let opened = match driver.as_str() {
+                "file" => self.open_file(opts, own)?,
+                "null-co" => open_null(opts, own),
+                "raw" => self.open_raw(opts, own, opening).await?,
+                "qcow2" => self.open_qcow2(opts, own, opening).await?,
+                "blkdebug" => self.open_blkdebug(opts, own, opening).await?,
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'driver' does not accept value '{other}'"
+                    )))
+                }
+            };
+            let node = BlockNode::new(name.clone(), opened.driver);
+            node.set_discard_ignored(!own.discard_unmap);
+            self.seq += 1;
+            self.entries.insert(
+                name.clone(),
+                NodeEntry {
+                    node: node.clone(),
+                    monitor_owned,
+                    read_only: opened.read_only,
+                    cache: own.cache,
+                    filename: opened.filename,
+                    host_file: opened.host_file,
+                    seq: self.seq,
+                },
+            );
+            opening.created.push(name);
+            Ok(node)
+        })
+    }
+
+    fn auto_name(&mut self) -> String {
+        loop {
+            let name = format!("#block{:03}", self.auto_names);
+            self.auto_names += 1;
+            if !self.entries.contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    fn open_file(&self, opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened> {
+        let filename = get_str(opts, "filename").unwrap_or_default();
+        let options = |read_only| FileOptions {
+            filename: PathBuf::from(filename),
+            read_only,
+            direct: own.cache.direct,
+            no_flush: own.cache.no_flush,
+        };
+        let (driver, read_only) = match FileDriver::open(options(own.read_only)) {
+            Ok(d) => (d, own.read_only),
+            Err(e) if own.auto_read_only && e.kind() == block::ErrorKind::ReadOnly => {
+                (FileDriver::open(options(true)).map_err(generic)?, true)
+            }
+            Err(e) => return Err(generic(e)),
+        };
+        Ok(Opened {
+            driver: Arc::new(driver),
+            read_only,
+            filename: filename.to_owned(),
+            host_file: Some(PathBuf::from(filename)),
+        })
+    }
+
+    /// A child given by name or inline. A writer needs a writable child.
+    async fn child(
+        &mut self,
+        value: &Value,
+        role: ChildRole,
+        inherit: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<Arc<Child>> {
+        let node = match value {
+            Value::String(name) => {
+                self.entries
+                    .get(name)
+                    .map(|e| e.node.clone())
+                    .ok_or_else(|| {
+                        QmpError::generic(format!(
+                            "Cannot find device='{name}' nor node-name='{name}'"
+                        ))
+                    })?
+            }
+            Value::Object(m) => self.open(m, inherit, opening, false).await?,
+            _ => return Err(QmpError::generic("Invalid child reference")),
+        };
+        if !inherit.read_only && !node.driver().writable() {
+            return Err(QmpError::generic(format!(
+                "Block node '{}' is read-only",
+                node.name()
+            )));
+        }
+        Ok(Child::new(role, node))
+    }
+
+    fn names_of(&self, child: &Child) -> (String, Option<PathBuf>) {
+        let node = child.node();
+        self.entries
+            .get(node.name())
+            .map(|e| (e.filename.clone(), e.host_file.clone()))
+            .unwrap_or_else(|| (node.name().to_owned(), None))
+    }
+
+    async fn open_raw(
+        &mut self,
+        opts: &Map<String, Value>,
+        own: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let file = self
+            .child(&opts["file"], ChildRole::File, own, opening)
+            .await?;
+        let (filename, host_file) = self.names_of(&file);
+        let driver = RawDriver::new(
+            file,
+            get_u64(opts, "offset").unwrap_or(0),
+            get_u64(opts, "size"),
+            !own.read_only,
+        )
+        .map_err(generic)?;
+        Ok(Opened {
+            driver: Arc::new(driver),
+            read_only: own.read_only,
+            filename,
+            host_file,
+        })
+    }
+
+    async fn open_qcow2(
+        &mut self,
+        opts: &Map<String, Value>,
+        own: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let file = self
+            .child(&opts["file"], ChildRole::File, own, opening)
+            .await?;
+        let (filename, host_file) = self.names_of(&file);
+        let header = qcow2::read_header(&file).await.map_err(generic)?;
+        let backing_inherit = Inherited {
+            read_only: true,
+            ..own
+        };
+        let backing = match opts.get("backing") {
+            Some(Value::Null) => None,
+            Some(reference) => Some(
+                self.child(reference, ChildRole::Backing, backing_inherit, opening)
+                    .await?,
+            ),
+            None => match &header.backing_file {
+                None => None,
+                Some(b) => {
+                    let node = self
+                        .open_backing_from_header(
+                            &filename,
+                            b,
+                            header.backing_format.as_deref(),
+                            backing_inherit,
+                            opening,
+                        )
+                        .await?;
+                    Some(Child::new(ChildRole::Backing, node))
+                }
+            },
+        };
+        let driver = Qcow2Driver::open(file, !own.read_only, backing)
+            .await
+            .map_err(generic)?;
+        Ok(Opened {
+            driver: Arc::new(driver),
+            read_only: own.read_only,
+            filename,
+            host_file,
+        })
+    }
+
+    /// Opens the backing file an image header names, as implicit nodes, following its chain.
+    async fn open_backing_from_header(
+        &mut self,
+        image: &str,
+        backing: &str,
+        format: Option<&str>,
+        inherit: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<Arc<BlockNode>> {
+        let path = drivers::open::resolve_backing(Path::new(image), backing);
+        let canonical = std::fs::canonicalize(&path).map_err(|e| {
+            QmpError::generic(format!(
+                "Could not open backing file: Could not open '{}': {}",
+                path.display(),
+                error_text(&BlockError::io("", e)).trim_start_matches(": ")
+            ))
+        })?;
+        if opening.chain.contains(&canonical) || opening.chain.len() >= MAX_CHAIN {
+            return Err(QmpError::generic(format!(
+                "Could not open backing file: backing file '{}' forms a loop or a chain deeper than {MAX_CHAIN}",
+                path.display()
+            )));
+        }
+        opening.chain.push(canonical);
+        let format = match format {
+            Some(f @ ("raw" | "qcow2")) => f.to_owned(),
+            Some(other) => {
+                return Err(QmpError::generic(format!(
+                    "Could not open backing file: unknown backing format '{other}'"
+                )))
+            }
+            None => probe(&path).await?,
+        };
+        let opts = json!({
+            "driver": format,
+            "file": {"driver": "file", "filename": path.display().to_string()},
+        });
+        let Value::Object(opts) = opts else {
+            return Err(QmpError::generic("internal: backing options"));
+        };
+        self.open(&opts, inherit, opening, false)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))
+    }
+
+    async fn open_blkdebug(
+        &mut self,
+        opts: &Map<String, Value>,
+        own: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let image = self
+            .child(&opts["image"], ChildRole::File, own, opening)
+            .await?;
+        let (filename, host_file) = self.names_of(&image);
+        let rules = opts
+            .get("inject-error")
+            .and_then(Value::as_array)
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter_map(Value::as_object)
+                    .map(inject_rule)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Opened {
+            driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only)),
+            read_only: own.read_only,
+            filename: format!("blkdebug::{filename}"),
+            host_file,
+        })
+    }
+
+    /// `blockdev-del`.
+    pub async fn delete(&mut self, name: &str) -> QmpResult<()> {
+        let entry = self.entries.get(name).ok_or_else(|| {
+            QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if !entry.monitor_owned {
+            return Err(QmpError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !entry.node.parents().is_empty() {
+            return Err(QmpError::generic(format!("Block device {name} is in use")));
+        }
+        self.close_and_remove(name).await;
+        Ok(())
+    }
+
+    /// Closes a node that has no parents, then its implicit children that are left without
+    /// parents.
+    fn close_and_remove<'a>(
+        &'a mut self,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(entry) = self.entries.remove(name) else {
+                return;
+            };
+            let children: Vec<String> = entry
+                .node
+                .driver()
+                .children()
+                .iter()
+                .map(|c| c.node().name().to_owned())
+                .collect();
+            if let Err(e) = entry.node.close().await {
+                eprintln!("blockjobd: closing node '{name}': {}", error_text(&e));
+            }
+            drop(entry);
+            for child in children {
+                let orphan = self
+                    .entries
+                    .get(&child)
+                    .is_some_and(|c| !c.monitor_owned && c.node.parents().is_empty());
+                if orphan {
+                    self.close_and_remove(&child).await;
+                }
+            }
+        })
+    }
+
+    /// Closes every node, parents before children (shutdown).
+    pub async fn close_all(&mut self) {
+        while !self.entries.is_empty() {
+            let roots: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.node.parents().is_empty())
+                .map(|(n, _)| n.clone())
+                .collect();
+            if roots.is_empty() {
+                // Only possible with a reference cycle, which blockdev-add cannot build.
+                eprintln!("blockjobd: nodes left with parents at shutdown");
+                return;
+            }
+            for name in roots {
+                if let Some(entry) = self.entries.remove(&name) {
+                    if let Err(e) = entry.node.close().await {
+                        eprintln!("blockjobd: closing node '{name}': {}", error_text(&e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a driver-specific opener produced.
+struct Opened {
+    driver: Arc<dyn BlockDriver>,
+    read_only: bool,
+    filename: String,
+    host_file: Option<PathBuf>,
+}
+
+fn open_null(opts: &Map<String, Value>, own: Inherited) -> Opened {
+    let size = get_u64(opts, "size").unwrap_or(DEFAULT_NULL_SIZE);
+    Opened {
+        driver: Arc::new(NullDriver::new(size).read_only(own.read_only)),
+        read_only: own.read_only,
+        filename: "null-co://".into(),
+        host_file: None,
+    }
+}
+
+fn inject_rule(m: &Map<String, Value>) -> InjectError {
+    InjectError {
+        event: match get_str(m, "event") {
+            Some("write_aio") => DebugEvent::WriteAio,
+            _ => DebugEvent::ReadAio,
+        },
+        errno: m
+            .get("errno")
+            .and_then(Value::as_i64)
+            .and_then(|e| i32::try_from(e).ok())
+            .unwrap_or(libc::EIO),
+        sector: m
+            .get("sector")
+            .and_then(Value::as_i64)
+            .and_then(|s| u64::try_from(s).ok()),
+        once: get_bool(m, "once").unwrap_or(false),
+    }
+}
+
+/// The format of a backing file named without one: qcow2 by its magic, else raw.
+async fn probe(path: &Path) -> QmpResult<String> {
+    let file = FileDriver::open(FileOptions {
+        read_only: true,
+        ..FileOptions::new(path)
+    })
+    .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", error_text(&e))))?;
+    let node = BlockNode::new("probe", Arc::new(file));
+    let child = Child::new(ChildRole::File, node);
+    let format = drivers::probe_format(&child).await.map_err(generic)?;
+    Ok(format.name().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_follow_qemu() {
+        assert!(check_node_name("a-b.c_d9").is_ok());
+        assert_eq!(
+            check_node_name("1bad").expect_err("digit").desc,
+            "Invalid node-name: '1bad'"
+        );
+        assert!(check_node_name("#block1").is_err());
+        assert!(check_node_name("").is_err());
+        assert_eq!(
+            check_node_name(&"a".repeat(32)).expect_err("long").desc,
+            "Node name too long"
+        );
+        assert!(check_node_name(&"a".repeat(31)).is_ok());
+    }
+
+    #[test]
+    fn error_text_drops_the_os_error_number() {
+        let e = BlockError::io(
+            "Could not open 'x'",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(
+            error_text(&e),
+            "Could not open 'x': No such file or directory"
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! What blockjobd implements, as a QMP schema: the one description behind argument checking,
+//! start-up option conversion and `query-qmp-schema`.
+//!
+//! Only what we honour is listed. A member QEMU has and we do not (`locking`, `aio=native`,
+//! `detect-zeroes=on`, …) is therefore refused with QEMU's own "unexpected" or "does not
+//! accept value" message, and a feature prober sees it is absent.
+
+use qmp::Schema;
+
+/// The drivers `blockdev-add` accepts.
+pub const DRIVERS: &[&str] = &["blkdebug", "file", "null-co", "qcow2", "raw"];
+
+fn introspection_types(s: &mut Schema) {
+    s.enumeration(
+        "JSONType",
+        &[
+            "string", "number", "int", "boolean", "null", "object", "array", "value",
+        ],
+    )
+    .enumeration(
+        "SchemaMetaType",
+        &[
+            "builtin",
+            "enum",
+            "array",
+            "object",
+            "alternate",
+            "command",
+            "event",
+        ],
+    )
+    .object("SchemaInfoBuiltin", &["json-type:JSONType"])
+    .object("SchemaInfoEnumMember", &["name:str", "*features:[str]"])
+    .object(
+        "SchemaInfoEnum",
+        &["members:[SchemaInfoEnumMember]", "values:[str]"],
+    )
+    .object("SchemaInfoArray", &["element-type:str"])
+    .object(
+        "SchemaInfoObjectMember",
+        &["name:str", "type:str", "*default:any", "*features:[str]"],
+    )
+    .object("SchemaInfoObjectVariant", &["case:str", "type:str"])
+    .object(
+        "SchemaInfoObject",
+        &[
+            "members:[SchemaInfoObjectMember]",
+            "*tag:str",
+            "*variants:[SchemaInfoObjectVariant]",
+        ],
+    )
+    .object("SchemaInfoAlternateMember", &["type:str"])
+    .object(
+        "SchemaInfoAlternate",
+        &["members:[SchemaInfoAlternateMember]"],
+    )
+    .object(
+        "SchemaInfoCommand",
+        &["arg-type:str", "ret-type:str", "*allow-oob:bool"],
+    )
+    .object("SchemaInfoEvent", &["arg-type:str"])
+    .union(
+        "SchemaInfo",
+        &["name:str", "meta-type:SchemaMetaType", "*features:[str]"],
+        "meta-type",
+        &[
+            ("builtin", "SchemaInfoBuiltin"),
+            ("enum", "SchemaInfoEnum"),
+            ("array", "SchemaInfoArray"),
+            ("object", "SchemaInfoObject"),
+            ("alternate", "SchemaInfoAlternate"),
+            ("command", "SchemaInfoCommand"),
+            ("event", "SchemaInfoEvent"),
+        ],
+    );
+}
+
+fn blockdev_types(s: &mut Schema) {
+    s.enumeration("BlockdevDriver", DRIVERS)
+        .enumeration("BlockdevDiscardOptions", &["ignore", "unmap"])
+        .enumeration("BlockdevDetectZeroesOptions", &["off"])
+        .enumeration("BlockdevAioOptions", &["threads"])
+        .object("BlockdevCacheOptions", &["*direct:bool", "*no-flush:bool"])
+        .union(
+            "BlockdevOptions",
+            &[
+                "driver:BlockdevDriver",
+                "*node-name:str",
+                "*discard:BlockdevDiscardOptions",
+                "*cache:BlockdevCacheOptions",
+                "*read-only:bool",
+                "*auto-read-only:bool",
+                "*detect-zeroes:BlockdevDetectZeroesOptions",
+            ],
+            "driver",
+            &[
+                ("blkdebug", "BlockdevOptionsBlkdebug"),
+                ("file", "BlockdevOptionsFile"),
+                ("null-co", "BlockdevOptionsNull"),
+                ("qcow2", "BlockdevOptionsQcow2"),
+                ("raw", "BlockdevOptionsRaw"),
+            ],
+        )
+        .object(
+            "BlockdevOptionsFile",
+            &["filename:str", "*aio:BlockdevAioOptions"],
+        )
+        .object("BlockdevOptionsNull", &["*size:size", "*read-zeroes:bool"])
+        .object(
+            "BlockdevOptionsRaw",
+            &["file:BlockdevRef", "*offset:uint64", "*size:uint64"],
+        )
+        .object(
+            "BlockdevOptionsQcow2",
+            &["file:BlockdevRef", "*backing:BlockdevRefOrNull"],
+        )
+        .enumeration("BlkdebugEvent", &["read_aio", "write_aio"])
+        .object(
+            "BlkdebugInjectErrorOptions",
+            &[
+                "event:BlkdebugEvent",
+                "*errno:int",
+                "*sector:int",
+                "*once:bool",
+                "*immediately:bool",
+            ],
+        )
+        .object(
+            "BlockdevOptionsBlkdebug",
+            &[
+                "image:BlockdevRef",
+                "*inject-error:[BlkdebugInjectErrorOptions]",
+            ],
+        )
+        .alternate("BlockdevRef", &["BlockdevOptions", "str"])
+        .alternate("BlockdevRefOrNull", &["BlockdevOptions", "str", "null"])
+        .object("BlockdevDelArgs", &["node-name:str"]);
+}
+
+fn query_types(s: &mut Schema) {
+    s.object(
+        "BlockdevCacheInfo",
+        &["writeback:bool", "direct:bool", "no-flush:bool"],
+    )
+    .object(
+        "ImageInfo",
+        &[
+            "filename:str",
+            "format:str",
+            "*dirty-flag:bool",
+            "*actual-size:int",
+            "virtual-size:int",
+            "*cluster-size:int",
+            "*backing-filename:str",
+            "*full-backing-filename:str",
+            "*backing-filename-format:str",
+            "*backing-image:ImageInfo",
+            "*format-specific:any",
+        ],
+    )
+    .object(
+        "BlockDeviceInfo",
+        &[
+            "file:str",
+            "*node-name:str",
+            "ro:bool",
+            "drv:str",
+            "*backing_file:str",
+            "backing_file_depth:int",
+            "active:bool",
+            "encrypted:bool",
+            "detect_zeroes:BlockdevDetectZeroesOptions",
+            "bps:int",
+            "bps_rd:int",
+            "bps_wr:int",
+            "iops:int",
+            "iops_rd:int",
+            "iops_wr:int",
+            "image:ImageInfo",
+            "cache:BlockdevCacheInfo",
+            "write_threshold:int",
+        ],
+    )
+    .object("QueryNamedBlockNodesArgs", &["*flat:bool"])
+    .object(
+        "BlockInfo",
+        &[
+            "device:str",
+            "*qdev:str",
+            "type:str",
+            "removable:bool",
+            "locked:bool",
+            "*inserted:BlockDeviceInfo",
+        ],
+    );
+}
+
+/// The complete schema of blockjobd.
+pub fn schema() -> Schema {
+    let mut s = Schema::new();
+    s.enumeration("QMPCapability", &["oob"])
+        .object("QmpCapabilitiesArgs", &["*enable:[QMPCapability]"])
+        .object("VersionTriple", &["major:int", "minor:int", "micro:int"])
+        .object("VersionInfo", &["qemu:VersionTriple", "package:str"])
+        .object("CommandInfo", &["name:str"]);
+    introspection_types(&mut s);
+    blockdev_types(&mut s);
+    query_types(&mut s);
+    s.command("qmp_capabilities", Some("QmpCapabilitiesArgs"), None, &[])
+        .command("query-version", None, Some("VersionInfo"), &[])
+        .command("query-commands", None, Some("[CommandInfo]"), &[])
+        .command("query-qmp-schema", None, Some("[SchemaInfo]"), &[])
+        .command("quit", None, None, &[])
+        .command("blockdev-add", Some("BlockdevOptions"), None, &[])
+        .command("blockdev-del", Some("BlockdevDelArgs"), None, &[])
+        .command(
+            "query-named-block-nodes",
+            Some("QueryNamedBlockNodesArgs"),
+            Some("[BlockDeviceInfo]"),
+            &[],
+        )
+        .command("query-block", None, Some("[BlockInfo]"), &[]);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_type_is_defined() {
+        super::schema().check_complete().expect("complete");
+    }
+}
