@@ -1,0 +1,203 @@
+//! Starting a daemon (ours or qemu-storage-daemon) and talking raw QMP to it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Path of the blockjobd binary under test.
+pub fn blockjobd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blockjobd"))
+}
+
+/// A running daemon with one QMP socket.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `program` with a monitor socket plus `extra` options, in a fresh directory
+    /// (the working directory, so relative file names work).
+    pub fn start(program: &Path, extra: &[String], dir: tempfile::TempDir) -> Daemon {
+        let socket = dir.path().join("qmp.sock");
+        let mut args = vec![
+            "--chardev".to_owned(),
+            format!("socket,id=m0,path={},server=on,wait=off", socket.display()),
+            "--monitor".to_owned(),
+            "chardev=m0".to_owned(),
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(program)
+            .args(&args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let d = Daemon { child, socket, dir };
+        d.wait_for_socket();
+        d
+    }
+
+    /// Starts blockjobd in a new temporary directory.
+    pub fn ours(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Daemon::start(&blockjobd(), &extra, dir)
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // qemu-storage-daemon can hang when a client connects the instant the socket
+        // appears; give it a moment.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// A negotiated client.
+    pub fn client(&self) -> Client {
+        let mut c = Client::connect(&self.socket);
+        c.greeting();
+        let r = c.cmd("qmp_capabilities", json!({}));
+        assert_eq!(r, json!({"return": {}}));
+        c
+    }
+
+    /// Waits for the process to end (at most 20 s).
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw QMP connection.
+pub struct Client {
+    pub stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Client { stream, reader }
+    }
+
+    /// Reads one message (one line, or several in pretty mode); `None` at EOF.
+    pub fn read(&mut self) -> Option<Value> {
+        let mut text = String::new();
+        loop {
+            let n = self.reader.read_line(&mut text).expect("read line");
+            if n == 0 {
+                assert!(text.trim().is_empty(), "EOF inside a message: {text:?}");
+                return None;
+            }
+            if let Ok(v) = serde_json::from_str(&text) {
+                return Some(v);
+            }
+        }
+    }
+
+    /// Reads the next reply, skipping events.
+    pub fn reply(&mut self) -> Value {
+        loop {
+            let v = self.read().expect("connection closed before the reply");
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    pub fn greeting(&mut self) -> Value {
+        let g = self.read().expect("greeting");
+        assert!(g.get("QMP").is_some(), "greeting: {g}");
+        g
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn send(&mut self, v: &Value) {
+        let mut s = serde_json::to_vec(v).expect("json");
+        s.push(b'\n');
+        self.send_raw(&s);
+    }
+
+    pub fn cmd(&mut self, name: &str, args: Value) -> Value {
+        self.send(&json!({"execute": name, "arguments": args}));
+        self.reply()
+    }
+
+    /// The error class of a reply, or "return".
+    pub fn kind(reply: &Value) -> String {
+        match reply.get("error") {
+            Some(e) => e["class"].as_str().unwrap_or("?").to_owned(),
+            None => "return".to_owned(),
+        }
+    }
+}
+
+/// Creates an image with qemu-img.
+pub fn qemu_img(args: &[&str], dir: &Path) {
+    let st = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("qemu-img");
+    assert!(st.success(), "qemu-img {args:?}");
+}
+
+/// `qemu-img check` output and success.
+pub fn qemu_img_check(path: &Path) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(path)
+        .output()
+        .expect("qemu-img check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
