@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs the system packages the tests use when they are missing
-# (qemu-utils: qemu-img, qemu-io; the reference for interop checks).
+# Runs the whole test suite. Installs what the tests use when it is missing: qemu-utils
+# (qemu-img, qemu-io, qemu-storage-daemon: the reference for interop and differential checks)
+# and PyPI's qemu.qmp (the Python QMP client the daemon is tested with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
+command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need[@]}"
 fi
 
-cargo build --release --bin blockjob
+python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install --quiet 'qemu.qmp>=0.0.3'
+
+cargo build --release --bin blockjob --bin blockjobd
 # Interop tests drive the release binary and qemu-img; PROPTEST_CASES keeps CI time bounded.
 export PROPTEST_CASES="${PROPTEST_CASES:-48}"
 cargo test --workspace --release -- --test-threads=2
