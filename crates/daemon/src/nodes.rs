@@ -301,6 +301,20 @@ impl Nodes {
         Ok(Child::new(role, node))
     }
 
+    /// The child under `key` of a format or filter node, with its file names.
+    async fn format_child(
+        &mut self,
+        opts: &Map<String, Value>,
+        key: &str,
+        own: Inherited,
+        opening: &mut Opening,
+    ) -> QmpResult<(Arc<Child>, String, Option<PathBuf>)> {
+        let value = opts.get(key).unwrap_or(&Value::Null);
+        let child = self.child(value, ChildRole::File, own, opening).await?;
+        let (filename, host_file) = self.names_of(&child);
+        Ok((child, filename, host_file))
+    }
+
     fn names_of(&self, child: &Child) -> (String, Option<PathBuf>) {
         let node = child.node();
         self.entries
@@ -315,10 +329,7 @@ impl Nodes {
         own: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let file = self
-            .child(&opts["file"], ChildRole::File, own, opening)
-            .await?;
-        let (filename, host_file) = self.names_of(&file);
+        let (file, filename, host_file) = self.format_child(opts, "file", own, opening).await?;
         let driver = RawDriver::new(
             file,
             get_u64(opts, "offset").unwrap_or(0),
@@ -340,10 +351,7 @@ impl Nodes {
         own: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let file = self
-            .child(&opts["file"], ChildRole::File, own, opening)
-            .await?;
-        let (filename, host_file) = self.names_of(&file);
+        let (file, filename, host_file) = self.format_child(opts, "file", own, opening).await?;
         let header = qcow2::read_header(&file).await.map_err(generic)?;
         let backing_inherit = Inherited {
             read_only: true,
@@ -433,10 +441,7 @@ impl Nodes {
         own: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let image = self
-            .child(&opts["image"], ChildRole::File, own, opening)
-            .await?;
-        let (filename, host_file) = self.names_of(&image);
+        let (image, filename, host_file) = self.format_child(opts, "image", own, opening).await?;
         let rules = opts
             .get("inject-error")
             .and_then(Value::as_array)
