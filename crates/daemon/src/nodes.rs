@@ -119,11 +119,6 @@ fn get_str<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 }
 
 impl Nodes {
-    /// The entry named `name`.
-    pub fn get(&self, name: &str) -> Option<&NodeEntry> {
-        self.entries.get(name)
-    }
-
     /// Entries, newest first (the order QEMU lists them).
     pub fn newest_first(&self) -> Vec<(&String, &NodeEntry)> {
         let mut v: Vec<_> = self.entries.iter().collect();
@@ -134,16 +129,6 @@ impl Nodes {
     /// The entry whose node is `node`.
     pub fn entry_of(&self, node: &Arc<BlockNode>) -> Option<&NodeEntry> {
         self.entries.get(node.name())
-    }
-
-    /// Number of nodes.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// True when there are no nodes.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// `blockdev-add` with checked options.
@@ -401,11 +386,8 @@ impl Nodes {
     ) -> QmpResult<Arc<BlockNode>> {
         let path = drivers::open::resolve_backing(Path::new(image), backing);
         let canonical = std::fs::canonicalize(&path).map_err(|e| {
-            QmpError::generic(format!(
-                "Could not open backing file: Could not open '{}': {}",
-                path.display(),
-                error_text(&BlockError::io("", e)).trim_start_matches(": ")
-            ))
+            let e = BlockError::io(format!("Could not open '{}'", path.display()), e);
+            QmpError::generic(format!("Could not open backing file: {}", error_text(&e)))
         })?;
         if opening.chain.contains(&canonical) || opening.chain.len() >= MAX_CHAIN {
             return Err(QmpError::generic(format!(

@@ -294,14 +294,6 @@ impl Schema {
         )
     }
 
-    /// Adds introspection features (`deprecated`, `unstable`, …) to a type.
-    pub fn type_features(&mut self, name: &str, features: &[&'static str]) -> &mut Self {
-        if let Some(t) = self.types.get_mut(name) {
-            t.features.extend_from_slice(features);
-        }
-        self
-    }
-
     fn define(&mut self, name: &str, kind: Kind) -> &mut Self {
         self.types.insert(
             name.to_owned(),
@@ -401,12 +393,6 @@ impl Schema {
         }
     }
 
-    /// Checks `value` against type `ty` (used for nested option sets, such as a child's
-    /// options given inline).
-    pub fn check_value(&self, ty: &str, value: &mut Value, keyval: bool) -> QmpResult<()> {
-        self.check(ty, value, &Path::default(), keyval)
-    }
-
     fn check(&self, ty: &str, value: &mut Value, path: &Path, keyval: bool) -> QmpResult<()> {
         if let Some(elem) = ty.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
             let Value::Array(items) = value else {
@@ -441,10 +427,6 @@ impl Schema {
                 let branch = self
                     .pick_branch(branches, value, keyval)
                     .ok_or_else(|| invalid_type(path, ty))?;
-                if keyval && branch == "null" {
-                    *value = Value::Null;
-                    return Ok(());
-                }
                 self.check(&branch, value, path, keyval)
             }
         }
@@ -462,7 +444,8 @@ impl Schema {
                     )
                 }
                 Value::String(s) if keyval => match kind {
-                    Some(Builtin::Null) => s.is_empty(),
+                    // "" with a null branch was decided above.
+                    Some(Builtin::Null) => false,
                     Some(_) => true,
                     None => matches!(
                         self.types.get(b.as_str()).map(|d| &d.kind),
