@@ -24,14 +24,19 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
              [,detect-zeroes=off][,<driver options>]
   --blockdev <JSON>
                             configure a block node (drivers: file, raw, qcow2,
-                            null-co, blkdebug); runs blockdev-add
+                            null-co, blkdebug, nbd); runs blockdev-add
   --chardev socket,id=<id>,path=<file>[,server=on][,wait=on|off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=on|off]
                             a QMP listening socket (unix sockets are mode 0600)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                             serve QMP on the chardev <id>
-  --nbd-server <options>    parsed; NBD serving arrives in a later version
-  --export <options>        parsed; NBD serving arrives in a later version
+  --nbd-server addr.type=unix,addr.path=<file>[,max-connections=<n>]
+               [,handshake-max-seconds=<s>]
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,…]
+                            start the NBD server; runs nbd-server-start
+  --export [type=]nbd,id=<id>,node-name=<N>[,name=<export>][,writable=on|off]
+           [,writethrough=on|off][,description=<text>][,allocation-depth=on|off]
+                            export a node over NBD; runs block-export-add
   --object <options>        no object types are supported yet
   --pidfile <path>          write the process ID to <path>
   --daemonize               detach once start-up succeeded
@@ -80,6 +85,20 @@ pub enum Item {
         /// The arguments.
         args: Map<String, Value>,
         /// From key=value text (values are strings to convert).
+        keyval: bool,
+    },
+    /// `--nbd-server`: `NbdServerOptions` (flat address), run as `nbd-server-start`.
+    NbdServer {
+        /// The options.
+        args: Map<String, Value>,
+        /// From key=value text.
+        keyval: bool,
+    },
+    /// `--export`: the arguments of a `block-export-add`.
+    Export {
+        /// The arguments.
+        args: Map<String, Value>,
+        /// From key=value text.
         keyval: bool,
     },
     /// `--chardev socket`.
@@ -166,13 +185,14 @@ fn apply(config: &mut Config, name: &str, value: &str) -> Result<(), CliError> {
         }
         "chardev" => config.items.push(chardev(value)?),
         "monitor" => config.items.push(monitor(value)?),
-        "nbd-server" | "export" => {
-            keyval::parse_option(value, (name == "export").then_some("type"))
-                .map_err(|e| err(name, e))?;
-            return Err(err(
-                name,
-                "NBD exports are not served by this version of blockjobd yet",
-            ));
+        "nbd-server" => {
+            let (args, keyval) = keyval::parse_option(value, None).map_err(|e| err(name, e))?;
+            config.items.push(Item::NbdServer { args, keyval });
+        }
+        "export" => {
+            let (args, keyval) =
+                keyval::parse_option(value, Some("type")).map_err(|e| err(name, e))?;
+            config.items.push(Item::Export { args, keyval });
         }
         "object" => {
             let (m, _) = keyval::parse_option(value, Some("qom-type")).map_err(|e| err(name, e))?;
@@ -334,7 +354,7 @@ mod tests {
         assert!(run(&["--bogus"]).is_err());
         assert!(run(&["--blockdev"]).is_err());
         assert!(run(&["--monitor", "chardev=m,mode=readline"]).is_err());
-        let e = run(&["--export", "type=nbd,id=e,node-name=d"]).expect_err("nbd");
-        assert!(e.0.starts_with("--export: "));
+        let e = run(&["--export", "nbd,id"]).expect_err("nbd");
+        assert!(e.0.starts_with("--export: "), "{e}");
     }
 }

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use qmp::{QmpError, QmpResult, Schema};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::commands;
+use crate::exports::Exports;
 use crate::nodes::Nodes;
 
 /// The daemon's state, owned by the control loop.
@@ -25,6 +26,10 @@ pub struct Control {
     pub package: String,
     /// Set to true to shut the daemon down.
     pub shutdown: Arc<watch::Sender<bool>>,
+    /// Where events go (every negotiated monitor).
+    pub events: broadcast::Sender<qmp::Event>,
+    /// The NBD server and the block exports.
+    pub exports: Exports,
 }
 
 /// A command on its way to the control loop.
@@ -47,6 +52,30 @@ impl Control {
         arguments: Map<String, Value>,
     ) -> QmpResult<Value> {
         commands::execute(self, command, arguments).await
+    }
+
+    /// A control state with no nodes and no exports.
+    pub fn new(
+        schema: Arc<Schema>,
+        package: String,
+        shutdown: Arc<watch::Sender<bool>>,
+        events: broadcast::Sender<qmp::Event>,
+    ) -> Self {
+        let exports = Exports::new(events.clone());
+        Control {
+            nodes: Nodes::default(),
+            schema,
+            package,
+            shutdown,
+            events,
+            exports,
+        }
+    }
+
+    /// Ends every export and the NBD server, then closes every node (shutdown).
+    pub async fn close_all(&mut self) {
+        self.exports.shutdown().await;
+        self.nodes.close_all().await;
     }
 
     /// Starts the loop; it ends when the daemon shuts down and hands the state back.

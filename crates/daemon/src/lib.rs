@@ -4,13 +4,15 @@
 //!  argv ─▶ cli (qsd options) ─▶ server::run ─▶ start-up items ─┐
 //!                                  │                            ▼
 //!  QMP clients ─▶ qmp::MonitorHub ─┴─▶ control (one owner) ─▶ commands/* ─▶ nodes (drivers)
+//!                                                                        └──▶ exports (nbd)
 //! ```
 //!
-//! Only this crate sees both the protocol (`qmp`) and the block layer (`block`, `drivers`).
+//! Only this crate sees the protocols (`qmp`, `nbd`) and the block layer (`block`, `drivers`) together.
 
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod exports;
 pub mod info;
 pub mod keyval;
 pub mod nodes;

@@ -8,13 +8,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole};
 use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
 use drivers::file::{FileDriver, FileOptions};
+use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
 use drivers::qcow2::{self, Qcow2Driver};
 use drivers::raw::RawDriver;
+use nbd::ConnectTo;
 use qmp::{QmpError, QmpResult};
 use serde_json::{json, Map, Value};
 
@@ -126,6 +129,11 @@ impl Nodes {
         v
     }
 
+    /// The entry of the node named `name`.
+    pub fn entry(&self, name: &str) -> Option<&NodeEntry> {
+        self.entries.get(name)
+    }
+
     /// The entry whose node is `node`.
     pub fn entry_of(&self, node: &Arc<BlockNode>) -> Option<&NodeEntry> {
         self.entries.get(node.name())
@@ -196,6 +204,7 @@ impl Nodes {
                 "raw" => self.open_raw(opts, own, opening).await?,
                 "qcow2" => self.open_qcow2(opts, own, opening).await?,
                 "blkdebug" => self.open_blkdebug(opts, own, opening).await?,
+                "nbd" => open_nbd(opts, own).await?,
                 other => {
                     return Err(QmpError::generic(format!(
                         "Parameter 'driver' does not accept value '{other}'"
@@ -453,7 +462,12 @@ impl Nodes {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if !entry.node.parents().is_empty() {
+        let parents = entry.node.parents();
+        if parents.iter().any(|p| p.role() == ChildRole::Root) {
+            // A backend (an export, later a job) uses it: QEMU's "has a BlockBackend" case.
+            return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if !parents.is_empty() {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
         self.close_and_remove(name).await;
@@ -524,6 +538,45 @@ struct Opened {
     read_only: bool,
     filename: String,
     host_file: Option<PathBuf>,
+}
+
+/// The `nbd` driver: `server` (unix path or inet host/port), `export`, `reconnect-delay`.
+async fn open_nbd(opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened> {
+    let server = opts.get("server").and_then(Value::as_object);
+    let field = |k: &str| {
+        server
+            .and_then(|m| get_str(m, k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let export = get_str(opts, "export").unwrap_or_default();
+    let (target, filename) = match server.and_then(|m| get_str(m, "type")) {
+        Some("unix") => {
+            let path = field("path");
+            let uri = format!("nbd+unix:///{export}?socket={path}");
+            (ConnectTo::Unix(PathBuf::from(path)), uri)
+        }
+        _ => {
+            let (host, port) = (field("host"), field("port"));
+            let uri = format!("nbd://{host}:{port}/{export}");
+            (ConnectTo::Tcp(host, port), uri)
+        }
+    };
+    let delay = Duration::from_secs(get_u64(opts, "reconnect-delay").unwrap_or(0));
+    let read_only = own.read_only;
+    let driver = match NbdDriver::connect(target.clone(), export, delay, read_only).await {
+        Err(e) if own.auto_read_only && e.kind() == block::ErrorKind::ReadOnly => {
+            (NbdDriver::connect(target, export, delay, true).await, true)
+        }
+        other => (other, read_only),
+    };
+    let (driver, read_only) = driver;
+    Ok(Opened {
+        driver: Arc::new(driver.map_err(generic)?),
+        read_only,
+        filename,
+        host_file: None,
+    })
 }
 
 fn open_null(opts: &Map<String, Value>, own: Inherited) -> Opened {

@@ -8,7 +8,7 @@
 use qmp::Schema;
 
 /// The drivers `blockdev-add` accepts.
-pub const DRIVERS: &[&str] = &["blkdebug", "file", "null-co", "qcow2", "raw"];
+pub const DRIVERS: &[&str] = &["blkdebug", "file", "nbd", "null-co", "qcow2", "raw"];
 
 fn introspection_types(s: &mut Schema) {
     s.enumeration(
@@ -96,6 +96,7 @@ fn blockdev_types(s: &mut Schema) {
             &[
                 ("blkdebug", "BlockdevOptionsBlkdebug"),
                 ("file", "BlockdevOptionsFile"),
+                ("nbd", "BlockdevOptionsNbd"),
                 ("null-co", "BlockdevOptionsNull"),
                 ("qcow2", "BlockdevOptionsQcow2"),
                 ("raw", "BlockdevOptionsRaw"),
@@ -106,6 +107,14 @@ fn blockdev_types(s: &mut Schema) {
             &["filename:str", "*aio:BlockdevAioOptions"],
         )
         .object("BlockdevOptionsNull", &["*size:size", "*read-zeroes:bool"])
+        .object(
+            "BlockdevOptionsNbd",
+            &[
+                "server:SocketAddress",
+                "*export:str",
+                "*reconnect-delay:uint32",
+            ],
+        )
         .object(
             "BlockdevOptionsRaw",
             &["file:BlockdevRef", "*offset:uint64", "*size:uint64"],
@@ -195,6 +204,98 @@ fn query_types(s: &mut Schema) {
     );
 }
 
+fn export_types(s: &mut Schema) {
+    s.enumeration("SocketAddressType", &["inet", "unix"])
+        .object("InetSocketAddress", &["host:str", "port:str"])
+        .object("UnixSocketAddress", &["path:str"])
+        .object("InetSocketAddressWrapper", &["data:InetSocketAddress"])
+        .object("UnixSocketAddressWrapper", &["data:UnixSocketAddress"])
+        .union(
+            "SocketAddressLegacy",
+            &["type:SocketAddressType"],
+            "type",
+            &[
+                ("inet", "InetSocketAddressWrapper"),
+                ("unix", "UnixSocketAddressWrapper"),
+            ],
+        )
+        .union(
+            "SocketAddress",
+            &["type:SocketAddressType"],
+            "type",
+            &[("inet", "InetSocketAddress"), ("unix", "UnixSocketAddress")],
+        )
+        .object(
+            "NbdServerStartArgs",
+            &[
+                "addr:SocketAddressLegacy",
+                "*max-connections:uint32",
+                "*handshake-max-seconds:uint32",
+            ],
+        )
+        .object(
+            "NbdServerOptions",
+            &[
+                "addr:SocketAddress",
+                "*max-connections:uint32",
+                "*handshake-max-seconds:uint32",
+            ],
+        )
+        .enumeration("BlockExportType", &["nbd"])
+        .object("BlockDirtyBitmap", &["node:str", "name:str"])
+        .alternate("BlockDirtyBitmapOrStr", &["str", "BlockDirtyBitmap"])
+        .union(
+            "BlockExportOptions",
+            &[
+                "type:BlockExportType",
+                "id:str",
+                "node-name:str",
+                "*writable:bool",
+                "*writethrough:bool",
+            ],
+            "type",
+            &[("nbd", "BlockExportOptionsNbd")],
+        )
+        .object(
+            "BlockExportOptionsNbd",
+            &[
+                "*name:str",
+                "*description:str",
+                "*bitmaps:[BlockDirtyBitmapOrStr]",
+                "*allocation-depth:bool",
+            ],
+        )
+        .enumeration("BlockExportRemoveMode", &["safe", "hard"])
+        .object(
+            "BlockExportDelArgs",
+            &["id:str", "*mode:BlockExportRemoveMode"],
+        )
+        .object(
+            "BlockExportInfo",
+            &[
+                "id:str",
+                "type:BlockExportType",
+                "node-name:str",
+                "shutting-down:bool",
+            ],
+        )
+        .object(
+            "NbdServerAddOptions",
+            &[
+                "device:str",
+                "*name:str",
+                "*description:str",
+                "*writable:bool",
+                "*bitmap:str",
+            ],
+        )
+        .object(
+            "NbdServerRemoveArgs",
+            &["name:str", "*mode:BlockExportRemoveMode"],
+        )
+        .object("BlockExportDeletedData", &["id:str"]);
+}
+
 /// The complete schema of blockjobd.
 pub fn schema() -> Schema {
     let mut s = Schema::new();
@@ -206,6 +307,7 @@ pub fn schema() -> Schema {
     introspection_types(&mut s);
     blockdev_types(&mut s);
     query_types(&mut s);
+    export_types(&mut s);
     s.command("qmp_capabilities", Some("QmpCapabilitiesArgs"), None, &[])
         .command("query-version", None, Some("VersionInfo"), &[])
         .command("query-commands", None, Some("[CommandInfo]"), &[])
@@ -219,7 +321,25 @@ pub fn schema() -> Schema {
             Some("[BlockDeviceInfo]"),
             &[],
         )
-        .command("query-block", None, Some("[BlockInfo]"), &[]);
+        .command("query-block", None, Some("[BlockInfo]"), &[])
+        .command("nbd-server-start", Some("NbdServerStartArgs"), None, &[])
+        .command("nbd-server-stop", None, None, &[])
+        .command("block-export-add", Some("BlockExportOptions"), None, &[])
+        .command("block-export-del", Some("BlockExportDelArgs"), None, &[])
+        .command("query-block-exports", None, Some("[BlockExportInfo]"), &[])
+        .command(
+            "nbd-server-add",
+            Some("NbdServerAddOptions"),
+            None,
+            &["deprecated"],
+        )
+        .command(
+            "nbd-server-remove",
+            Some("NbdServerRemoveArgs"),
+            None,
+            &["deprecated"],
+        )
+        .event("BLOCK_EXPORT_DELETED", Some("BlockExportDeletedData"));
     s
 }
 

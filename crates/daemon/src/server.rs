@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::{CliError, Config, Item, Listen};
 use crate::control::{Control, ControlHandle};
-use crate::nodes::Nodes;
+use serde_json::{json, Map, Value};
 
 /// The `package` string clients see in the greeting and `query-version`.
 pub fn package() -> String {
@@ -92,17 +92,54 @@ struct Started {
     sockets: Vec<PathBuf>,
 }
 
+/// `--nbd-server` takes a flat address (`addr.type=unix,addr.path=…`); `nbd-server-start`
+/// takes QMP's legacy form (`addr: {type, data: {…}}`).
+fn legacy_address(mut args: Map<String, Value>) -> Map<String, Value> {
+    if let Some(Value::Object(mut addr)) = args.remove("addr") {
+        let ty = addr.remove("type").unwrap_or(Value::Null);
+        args.insert("addr".into(), json!({"type": ty, "data": addr}));
+    }
+    args
+}
+
+/// Checks a start-up option against the schema and runs it through the command handler.
+async fn run_option(
+    control: &mut Control,
+    option: &str,
+    command: &str,
+    check_as: Option<&str>,
+    args: &Map<String, Value>,
+    keyval: bool,
+) -> Result<(), CliError> {
+    let mut args = args.clone();
+    let schema = control.schema.clone();
+    let checked = match check_as {
+        Some(ty) => schema
+            .check_type(ty, &mut args, keyval)
+            .map(|()| legacy_address(args)),
+        None => schema
+            .check_arguments(command, &mut args, keyval)
+            .map(|()| args),
+    };
+    let result = match checked {
+        Ok(args) => control.execute(command, args).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| CliError(format!("--{option}: {}", e.desc)))
+}
+
 async fn start(
     config: &Config,
     shutdown: Arc<watch::Sender<bool>>,
+    events: broadcast::Sender<qmp::Event>,
 ) -> Result<Started, (CliError, Started)> {
     let mut s = Started {
-        control: Control {
-            nodes: Nodes::default(),
-            schema: Arc::new(crate::schema::schema()),
-            package: package(),
+        control: Control::new(
+            Arc::new(crate::schema::schema()),
+            package(),
             shutdown,
-        },
+            events,
+        ),
         monitors: Vec::new(),
         sockets: Vec::new(),
     };
@@ -110,13 +147,17 @@ async fn start(
     for item in &config.items {
         let step = match item {
             Item::Blockdev { args, keyval } => {
-                let mut args = args.clone();
-                let schema = s.control.schema.clone();
-                let result = match schema.check_arguments("blockdev-add", &mut args, *keyval) {
-                    Ok(()) => s.control.execute("blockdev-add", args).await.map(|_| ()),
-                    Err(e) => Err(e),
-                };
-                result.map_err(|e| CliError(format!("--blockdev: {}", e.desc)))
+                let c = &mut s.control;
+                run_option(c, "blockdev", "blockdev-add", None, args, *keyval).await
+            }
+            Item::NbdServer { args, keyval } => {
+                let c = &mut s.control;
+                let ty = Some("NbdServerOptions");
+                run_option(c, "nbd-server", "nbd-server-start", ty, args, *keyval).await
+            }
+            Item::Export { args, keyval } => {
+                let c = &mut s.control;
+                run_option(c, "export", "block-export-add", None, args, *keyval).await
             }
             Item::Chardev { id, listen, wait } => {
                 if chardevs.contains_key(id) {
@@ -210,11 +251,12 @@ fn cleanup(sockets: &[PathBuf], pidfile: Option<&PathBuf>) {
 pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
     let (tx, mut shutdown_rx) = watch::channel(false);
     let shutdown = Arc::new(tx);
-    let started = match start(&config, shutdown.clone()).await {
+    let (events, _) = broadcast::channel(qmp::server::EVENT_BACKLOG);
+    let started = match start(&config, shutdown.clone(), events.clone()).await {
         Ok(s) => s,
         Err((e, mut partial)) => {
             eprintln!("blockjobd: {e}");
-            partial.control.nodes.close_all().await;
+            partial.control.close_all().await;
             cleanup(&partial.sockets, None);
             return 1;
         }
@@ -223,13 +265,12 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
             eprintln!("blockjobd: --pidfile {}: {e}", p.display());
             let mut control = started.control;
-            control.nodes.close_all().await;
+            control.close_all().await;
             cleanup(&started.sockets, None);
             return 1;
         }
     }
     ready();
-    let (events, _) = broadcast::channel(qmp::server::EVENT_BACKLOG);
     let schema = started.control.schema.clone();
     let (handle, control_task): (ControlHandle, _) = started.control.spawn();
     let hub = MonitorHub {
@@ -269,7 +310,7 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
     }
     let mut status = 0;
     match control_task.await {
-        Ok(mut control) => control.nodes.close_all().await,
+        Ok(mut control) => control.close_all().await,
         Err(e) => {
             eprintln!("blockjobd: control loop failed: {e}");
             status = 1;

@@ -13,6 +13,7 @@
 pub mod blkdebug;
 pub mod file;
 pub mod mem;
+pub mod nbd;
 pub mod null;
 pub mod open;
 pub mod qcow2;

@@ -24,6 +24,7 @@ enum Builtin {
     Str,
     Int,
     Uint,
+    Uint32,
     Size,
     Number,
     Bool,
@@ -37,6 +38,7 @@ impl Builtin {
             "str" => Builtin::Str,
             "int" | "int64" => Builtin::Int,
             "uint64" => Builtin::Uint,
+            "uint32" => Builtin::Uint32,
             "size" => Builtin::Size,
             "number" => Builtin::Number,
             "bool" => Builtin::Bool,
@@ -50,7 +52,7 @@ impl Builtin {
     fn public_name(self) -> &'static str {
         match self {
             Builtin::Str => "str",
-            Builtin::Int | Builtin::Uint | Builtin::Size => "int",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "int",
             Builtin::Number => "number",
             Builtin::Bool => "bool",
             Builtin::Null => "null",
@@ -61,7 +63,7 @@ impl Builtin {
     fn json_type(self) -> &'static str {
         match self {
             Builtin::Str => "string",
-            Builtin::Int | Builtin::Uint | Builtin::Size => "int",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "int",
             Builtin::Number => "number",
             Builtin::Bool => "boolean",
             Builtin::Null => "null",
@@ -73,7 +75,7 @@ impl Builtin {
     fn expected(self) -> &'static str {
         match self {
             Builtin::Str => "string",
-            Builtin::Int | Builtin::Uint | Builtin::Size => "integer",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "integer",
             Builtin::Number => "number",
             Builtin::Bool => "boolean",
             Builtin::Null => "null",
@@ -393,6 +395,17 @@ impl Schema {
         }
     }
 
+    /// Checks (and, for `keyval` input, converts) an object against the object type `ty`:
+    /// for command-line options that are not command arguments (`--nbd-server`).
+    pub fn check_type(
+        &self,
+        ty: &str,
+        args: &mut Map<String, Value>,
+        keyval: bool,
+    ) -> QmpResult<()> {
+        self.check_object(ty, args, &Path::default(), keyval)
+    }
+
     fn check(&self, ty: &str, value: &mut Value, path: &Path, keyval: bool) -> QmpResult<()> {
         if let Some(elem) = ty.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
             let Value::Array(items) = value else {
@@ -683,6 +696,18 @@ fn check_builtin(b: Builtin, value: &mut Value, path: &Path, keyval: bool) -> Qm
         (Builtin::Null, Value::Null) => true,
         (Builtin::Number, Value::Number(_)) => true,
         (Builtin::Int, Value::Number(n)) => n.is_i64() || n.is_u64() && n.as_i64().is_some(),
+        (Builtin::Uint32, Value::Number(n)) => {
+            if n.as_u64().is_some_and(|v| v <= u64::from(u32::MAX)) {
+                true
+            } else if n.is_i64() || n.is_u64() {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{}' expects uint32",
+                    path.full()
+                )));
+            } else {
+                false
+            }
+        }
         (Builtin::Uint | Builtin::Size, Value::Number(n)) if n.is_i64() && !n.is_u64() => {
             return Err(QmpError::generic(format!(
                 "Parameter '{}' expects a non-negative number below 2^64",
@@ -710,6 +735,12 @@ fn convert_keyval(b: Builtin, s: &str, path: &Path) -> QmpResult<Option<Value>> 
                 .and_then(|v| u64::try_from(v).ok())
                 .or_else(|| s.trim().parse::<u64>().ok());
             Some(Value::from(v.ok_or_else(|| bad("uint64"))?))
+        }
+        Builtin::Uint32 => {
+            let v = parse_int(s)
+                .and_then(|v| u32::try_from(v).ok())
+                .or_else(|| s.trim().parse::<u32>().ok());
+            Some(Value::from(v.ok_or_else(|| bad("uint32"))?))
         }
         Builtin::Size => Some(Value::from(
             parse_size(s).ok_or_else(|| bad("a non-negative number below 2^64"))?,

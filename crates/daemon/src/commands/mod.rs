@@ -4,6 +4,7 @@
 
 mod blockdev_add;
 mod blockdev_del;
+mod export;
 mod query;
 mod query_named_block_nodes;
 
@@ -26,6 +27,13 @@ pub async fn execute(
         "query-named-block-nodes" => Ok(query_named_block_nodes::run(ctl, &arguments)),
         "blockdev-add" => blockdev_add::run(ctl, &arguments).await,
         "blockdev-del" => blockdev_del::run(ctl, &arguments).await,
+        "nbd-server-start" => export::server_start(ctl, &arguments).await,
+        "nbd-server-stop" => export::server_stop(ctl).await,
+        "block-export-add" => export::block_export_add(ctl, &arguments),
+        "block-export-del" => export::block_export_del(ctl, &arguments),
+        "query-block-exports" => Ok(ctl.exports.query()),
+        "nbd-server-add" => export::nbd_server_add(ctl, &arguments),
+        "nbd-server-remove" => export::nbd_server_remove(ctl, &arguments),
         "quit" => {
             ctl.shutdown.send_replace(true);
             Ok(json!({}))

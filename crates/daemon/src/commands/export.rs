@@ -1,0 +1,258 @@
+//! `nbd-server-start/stop`, `block-export-add/del`, `query-block-exports`, and the deprecated
+//! `nbd-server-add/remove`, with QEMU's messages.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use block::{BlockBackend, ChildRole};
+use nbd::server::Listener;
+use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
+use qmp::{QmpError, QmpResult};
+use serde_json::{json, Map, Value};
+
+use crate::control::Control;
+use crate::exports::RemoveMode;
+
+fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
+}
+
+fn b(m: &Map<String, Value>, k: &str) -> Option<bool> {
+    m.get(k).and_then(Value::as_bool)
+}
+
+fn u(m: &Map<String, Value>, k: &str) -> Option<u64> {
+    m.get(k).and_then(Value::as_u64)
+}
+
+/// Binds a unix socket, replacing a stale socket file, as QEMU does.
+fn bind_unix(path: &str) -> std::io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// `nbd-server-start`, with the address in QMP's legacy form (`{type, data: {…}}`).
+pub async fn server_start(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    if ctl.exports.server().is_some() {
+        return Err(QmpError::generic("NBD server already running"));
+    }
+    let addr = args.get("addr").and_then(Value::as_object);
+    let data = addr
+        .and_then(|a| a.get("data"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let (listener, socket) = match addr.and_then(|a| s(a, "type")) {
+        Some("unix") => {
+            let path = s(&data, "path").unwrap_or_default();
+            let l = bind_unix(path)
+                .map_err(|e| QmpError::generic(format!("Failed to bind socket to {path}: {e}")))?;
+            (Listener::Unix(l), Some(PathBuf::from(path)))
+        }
+        _ => {
+            let host = s(&data, "host").unwrap_or_default();
+            let port = s(&data, "port").unwrap_or_default();
+            let port: u16 = port
+                .parse()
+                .map_err(|_| QmpError::generic(format!("Failed to parse port '{port}'")))?;
+            let l = tokio::net::TcpListener::bind((host, port))
+                .await
+                .map_err(|e| QmpError::generic(format!("Failed to bind socket: {e}")))?;
+            (Listener::Tcp(l), None)
+        }
+    };
+    let config = ServerConfig {
+        max_connections: u(args, "max-connections").unwrap_or(100) as u32,
+        handshake_timeout: match u(args, "handshake-max-seconds").unwrap_or(10) {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        },
+    };
+    ctl.exports
+        .start_server(NbdServer::new(config), listener, socket);
+    Ok(json!({}))
+}
+
+/// `nbd-server-stop`.
+pub async fn server_stop(ctl: &mut Control) -> QmpResult<Value> {
+    ctl.exports.stop_server().await.map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+/// QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// What both `block-export-add` and `nbd-server-add` create.
+struct NewExport<'a> {
+    id: &'a str,
+    node_name: &'a str,
+    /// `device` of nbd-server-add, for its lookup message.
+    device: Option<&'a str>,
+    name: Option<&'a str>,
+    description: Option<&'a str>,
+    writable: bool,
+    writethrough: bool,
+    allocation_depth: bool,
+    bitmaps: Vec<&'a Value>,
+}
+
+fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
+    if !id_wellformed(x.id) {
+        return Err(QmpError::generic("Invalid block export id"));
+    }
+    if ctl.exports.has_id(x.id) {
+        return Err(QmpError::generic(format!(
+            "Block export id '{}' is already in use",
+            x.id
+        )));
+    }
+    let entry = ctl.nodes.entry(x.node_name).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            x.device.unwrap_or(""),
+            x.node_name
+        ))
+    })?;
+    let node = entry.node.clone();
+    if x.writable && entry.read_only {
+        return Err(QmpError::generic(
+            "Cannot export read-only node as writable",
+        ));
+    }
+    if x.writable {
+        // A format node owns its file and backing children: writing under it corrupts it.
+        if let Some(parent) = node.parents().iter().find(|p| p.role() != ChildRole::Root) {
+            return Err(QmpError::generic(format!(
+                "Permission conflict on node '{}': permissions 'write' are both required by an unnamed block device (uses node '{}' as 'root' child) and unshared by its parent (uses node '{}' as '{}' child).",
+                x.node_name,
+                x.node_name,
+                x.node_name,
+                parent.role().name()
+            )));
+        }
+    }
+    let Some(server) = ctl.exports.server().cloned() else {
+        return Err(QmpError::generic("NBD server not running"));
+    };
+    let name = x.name.unwrap_or(x.node_name);
+    if name.len() > nbd::proto::MAX_STRING {
+        return Err(QmpError::generic(format!("export name '{name}' too long")));
+    }
+    let description = x.description.unwrap_or("");
+    if description.len() > nbd::proto::MAX_STRING {
+        return Err(QmpError::generic(format!(
+            "description '{description}' too long"
+        )));
+    }
+    if server.export(name).is_some() {
+        return Err(QmpError::generic(format!(
+            "NBD server already has export named '{name}'"
+        )));
+    }
+    if let Some(first) = x.bitmaps.first() {
+        // Dirty bitmaps arrive with Step 4; no node has one yet.
+        return Err(QmpError::generic(match first {
+            Value::String(b) => format!("Bitmap '{b}' is not found"),
+            other => format!(
+                "Dirty bitmap '{}' not found",
+                other.get("name").and_then(Value::as_str).unwrap_or("")
+            ),
+        }));
+    }
+    let export = Export::new(ExportConfig {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        backend: BlockBackend::new(node),
+        writable: x.writable,
+        writethrough: x.writethrough,
+        allocation_depth: x.allocation_depth,
+        extra_contexts: Vec::new(),
+    });
+    server
+        .add_export(export.clone())
+        .map_err(QmpError::generic)?;
+    ctl.exports.insert(x.id.to_owned(), export);
+    Ok(json!({}))
+}
+
+/// `block-export-add` (type nbd).
+pub fn block_export_add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    let bitmaps = args
+        .get("bitmaps")
+        .and_then(Value::as_array)
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    add(
+        ctl,
+        NewExport {
+            id: s(args, "id").unwrap_or_default(),
+            node_name: s(args, "node-name").unwrap_or_default(),
+            device: None,
+            name: s(args, "name"),
+            description: s(args, "description"),
+            writable: b(args, "writable").unwrap_or(false),
+            writethrough: b(args, "writethrough").unwrap_or(false),
+            allocation_depth: b(args, "allocation-depth").unwrap_or(false),
+            bitmaps,
+        },
+    )
+}
+
+/// `nbd-server-add` (deprecated): an export whose id is its name.
+pub fn nbd_server_add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    if ctl.exports.server().is_none() {
+        return Err(QmpError::generic("NBD server not running"));
+    }
+    let device = s(args, "device").unwrap_or_default();
+    let name = s(args, "name").unwrap_or(device);
+    add(
+        ctl,
+        NewExport {
+            id: name,
+            node_name: device,
+            device: Some(device),
+            name: Some(name),
+            description: s(args, "description"),
+            writable: b(args, "writable").unwrap_or(false),
+            writethrough: false,
+            allocation_depth: false,
+            bitmaps: args.get("bitmap").into_iter().collect(),
+        },
+    )
+}
+
+fn mode(args: &Map<String, Value>) -> RemoveMode {
+    match s(args, "mode") {
+        Some("hard") => RemoveMode::Hard,
+        _ => RemoveMode::Safe,
+    }
+}
+
+/// `block-export-del`.
+pub fn block_export_del(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    let id = s(args, "id").unwrap_or_default();
+    ctl.exports
+        .delete(id, mode(args))
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+/// `nbd-server-remove` (deprecated).
+pub fn nbd_server_remove(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    if ctl.exports.server().is_none() {
+        return Err(QmpError::generic("NBD server not running"));
+    }
+    let name = s(args, "name").unwrap_or_default();
+    ctl.exports
+        .delete(name, mode(args))
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
