@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests use when it is missing: qemu-utils
-# (qemu-img, qemu-io, qemu-storage-daemon: the reference for interop and differential checks)
-# and PyPI's qemu.qmp (the Python QMP client the daemon is tested with).
+# (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon: the reference for interop and
+# differential checks), libnbd (nbdinfo, nbdcopy, nbdsh) and PyPI's qemu.qmp (the Python QMP
+# client the daemon is tested with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,10 @@ need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
+# libnbd's tools and Python module (Debian's python3 only): NBD interop tests.
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
+[ -x /usr/bin/nbdsh ] || need+=(python3-libnbd)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update

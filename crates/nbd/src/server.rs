@@ -805,15 +805,15 @@ fn einval(msg: impl Into<String>) -> Fail {
 }
 
 fn check(session: &Session, req: &Request) -> Result<(), Fail> {
-    let allowed = match req.kind {
-        cmd::READ if session.structured => cflags::DF,
-        cmd::READ => 0,
-        cmd::WRITE | cmd::TRIM => cflags::FUA,
-        cmd::WRITE_ZEROES => cflags::FUA | cflags::NO_HOLE | cflags::FAST_ZERO,
-        cmd::BLOCK_STATUS => cflags::REQ_ONE,
-        cmd::FLUSH | cmd::CACHE => 0,
-        other => return Err(einval(format!("unsupported command {other}"))),
-    };
+    // FUA is accepted on every command, as QEMU does; it only matters where data changes.
+    let allowed = cflags::FUA
+        | match req.kind {
+            cmd::READ if session.structured => cflags::DF,
+            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::FLUSH | cmd::CACHE => 0,
+            cmd::WRITE_ZEROES => cflags::NO_HOLE | cflags::FAST_ZERO,
+            cmd::BLOCK_STATUS => cflags::REQ_ONE,
+            other => return Err(einval(format!("unsupported command {other}"))),
+        };
     if req.flags & !allowed != 0 {
         return Err(einval(format!(
             "unsupported flags {:#x} for command {}",
