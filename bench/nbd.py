@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""NBD export benchmark: the same export served by blockjobd and qemu-storage-daemon.
+
+fio's nbd engine drives each server in turn (alternating, several runs) with:
+  4 KiB random writes and reads at queue depth 16 (IOPS, p50/p99 completion latency),
+  1 MiB sequential reads and writes at queue depth 4 (throughput).
+Prints medians and ratios (> 1.0 means blockjobd is better).
+
+Usage: bench/nbd.py [--runs N] [--seconds S] [--size-mib M] [--format raw|qcow2]
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = [
+    ("4k randwrite qd16", "randwrite", "4k", 16),
+    ("4k randread qd16", "randread", "4k", 16),
+    ("1M write qd4", "write", "1M", 4),
+    ("1M read qd4", "read", "1M", 4),
+]
+
+
+def start(program, image, fmt, sock):
+    if os.path.exists(sock):
+        os.unlink(sock)
+    node = "disk"
+    args = [program,
+            "--blockdev", f"driver=file,filename={image},node-name=file0",
+            "--blockdev", f"driver={fmt},file=file0,node-name={node}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", f"type=nbd,id=e,node-name={node},writable=on"]
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while not os.path.exists(sock):
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"{program} did not start")
+        time.sleep(0.01)
+    time.sleep(0.1)
+    return p
+
+
+def fio(sock, rw, bs, depth, seconds, size):
+    out = subprocess.run(
+        ["fio", "--name=bench", "--ioengine=nbd",
+         f"--uri=nbd+unix:///disk?socket={sock}", f"--rw={rw}", f"--bs={bs}",
+         f"--iodepth={depth}", f"--runtime={seconds}", "--time_based",
+         f"--size={size}", "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    d = job["write" if "write" in rw else "read"]
+    pct = d["clat_ns"]["percentile"]
+    return {"iops": d["iops"], "mbps": d["bw_bytes"] / 1e6,
+            "p50": pct["50.000000"] / 1000, "p99": pct["99.000000"] / 1000}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--format", default="raw", choices=["raw", "qcow2"])
+    a = ap.parse_args()
+    ours = os.path.join(ROOT, "target", "release", "blockjobd")
+    if not os.path.exists(ours):
+        subprocess.run(["cargo", "build", "--release", "--bin", "blockjobd"], cwd=ROOT, check=True)
+    for tool in ("fio", "qemu-storage-daemon", "qemu-img"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed (apt-get install -y fio qemu-utils)")
+    servers = [("blockjobd", ours), ("qsd", "qemu-storage-daemon")]
+    results = {s: {w[0]: [] for w in WORKLOADS} for s, _ in servers}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        image = os.path.join(d, f"disk.{a.format}")
+        size = f"{a.size_mib}M"
+        if a.format == "raw":
+            subprocess.run(["qemu-img", "create", "-f", "raw", image, size], check=True,
+                           capture_output=True)
+        else:
+            subprocess.run(["qemu-img", "create", "-f", "qcow2", image, size], check=True,
+                           capture_output=True)
+        # Fully allocate it, so reads and writes hit real data on both servers.
+        subprocess.run(["qemu-io", "-f", a.format, "-c", f"write -P 0x5a 0 {size}", image],
+                       check=True, capture_output=True)
+        sock = os.path.join(d, "nbd.sock")
+        for run in range(a.runs):
+            order = servers if run % 2 == 0 else servers[::-1]
+            for name, program in order:
+                p = start(program, image, a.format, sock)
+                try:
+                    for label, rw, bs, depth in WORKLOADS:
+                        results[name][label].append(fio(sock, rw, bs, depth, a.seconds, size))
+                finally:
+                    p.terminate()
+                    p.wait()
+            print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
+
+    def med(name, label, key):
+        return statistics.median(r[key] for r in results[name][label])
+
+    print(f"NBD export of a {a.size_mib} MiB {a.format} image over a unix socket, fio nbd engine, "
+          f"{a.seconds}s per workload, medians of {a.runs} runs")
+    print(f"{'workload':20} {'metric':8} {'blockjobd':>11} {'qsd':>11} {'ratio':>7}")
+    for label, rw, bs, depth in WORKLOADS:
+        metrics = [("IOPS", "iops", True), ("p50 us", "p50", False), ("p99 us", "p99", False)] \
+            if bs == "4k" else [("MB/s", "mbps", True)]
+        for mname, key, higher in metrics:
+            o, q = med("blockjobd", label, key), med("qsd", label, key)
+            ratio = (o / q if higher else q / o) if o and q else float("nan")
+            print(f"{label:20} {mname:8} {o:11.1f} {q:11.1f} {ratio:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+//! Our client against our server in one process: I/O, block status, exports following graph
+//! changes (a filter inserted above the exported node), retirement.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use block::graph::{insert_filter, remove_filter};
+use block::{BlockBackend, BlockDriver, BlockNode, BlockStatus, Child, IoVec};
+use block::{WriteFlags, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+use drivers::mem::MemDriver;
+use nbd::server::Listener;
+use nbd::{Client, ConnectTo, Export, ExportConfig, NbdServer, ServerConfig};
+
+/// A pass-through filter counting the writes that reach it.
+#[derive(Debug)]
+struct Counting {
+    child: Arc<Child>,
+    writes: AtomicU64,
+}
+
+#[async_trait]
+impl BlockDriver for Counting {
+    fn driver_name(&self) -> &'static str {
+        "counting"
+    }
+    fn len(&self) -> u64 {
+        self.child.node().len()
+    }
+    fn children(&self) -> Vec<Arc<Child>> {
+        vec![self.child.clone()]
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, buf: BytesMut) -> block::Result<BytesMut> {
+        self.child.read_into(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> block::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.child.write(offset, data, flags).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> block::Result<()> {
+        self.child.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> block::Result<()> {
+        self.child.discard(offset, len).await
+    }
+    async fn flush(&self) -> block::Result<()> {
+        self.child.flush().await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> block::Result<BlockStatus> {
+        self.child.block_status(offset, len).await
+    }
+}
+
+async fn serve(
+    node: Arc<BlockNode>,
+) -> (tempfile::TempDir, Arc<NbdServer>, Arc<Export>, ConnectTo) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nbd.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let server = NbdServer::new(ServerConfig::default());
+    let export = Export::new(ExportConfig {
+        name: "d".into(),
+        description: String::new(),
+        backend: BlockBackend::new(node),
+        writable: true,
+        writethrough: false,
+        allocation_depth: false,
+        extra_contexts: Vec::new(),
+    });
+    server.add_export(export.clone()).expect("add");
+    tokio::spawn(server.clone().run(Listener::Unix(listener)));
+    (dir, server, export, ConnectTo::Unix(path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_follows_a_filter_inserted_above_its_node() {
+    let node = BlockNode::new("disk", Arc::new(MemDriver::new(vec![0u8; 1 << 20])));
+    let (_dir, server, export, to) = serve(node.clone()).await;
+    let client = Client::connect(to, "d", Duration::ZERO)
+        .await
+        .expect("connect");
+    assert_eq!(client.info().size, 1 << 20);
+    assert!(client.info().structured && client.info().base_allocation.is_some());
+
+    client
+        .write(4096, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .expect("write");
+    let mut counting = None;
+    let filter = insert_filter(&node, |edge| {
+        let c = Arc::new(Counting {
+            child: edge,
+            writes: AtomicU64::new(0),
+        });
+        counting = Some(c.clone());
+        Ok(BlockNode::new("filter", c))
+    })
+    .await
+    .expect("insert");
+    let counting = counting.expect("filter built");
+    assert_eq!(export.backend().node().name(), "filter");
+    // Writes from the already connected client now pass through the filter, eight in flight.
+    let client = Arc::new(client);
+    let writes: Vec<_> = (0..8u64)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.write(i * 65536, Bytes::from(vec![9u8; 512]), i == 0)
+                    .await
+            })
+        })
+        .collect();
+    for w in writes {
+        w.await.expect("task").expect("write");
+    }
+    assert_eq!(counting.writes.load(Ordering::SeqCst), 8);
+    let back = client
+        .read_into(4096, BytesMut::zeroed(4096))
+        .await
+        .expect("read");
+    assert!(back.iter().all(|&b| b == 7));
+    let extents = client.block_status(0, 1 << 20).await.expect("status");
+    assert_eq!(
+        extents.iter().map(|e| u64::from(e.len)).sum::<u64>(),
+        1 << 20
+    );
+
+    remove_filter(&filter).await.expect("remove");
+    assert_eq!(export.backend().node().name(), "disk");
+    client.flush().await.expect("flush");
+
+    // Retiring the export drops the client; a reconnect finds no export.
+    server.remove_export("d");
+    export.disconnect_all();
+    tokio::time::timeout(Duration::from_secs(5), export.closed())
+        .await
+        .expect("closed");
+    let e = client
+        .read_into(0, BytesMut::zeroed(512))
+        .await
+        .expect_err("export gone");
+    assert!(e.message.contains("'d'"), "{e}");
+}
