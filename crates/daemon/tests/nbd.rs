@@ -459,7 +459,8 @@ impl Drop for Killed {
 /// Our nbd driver as a node, re-exported by our own server: qemu-io reaches the remote disk
 /// through both our client and our server.
 fn through_our_client(c: &mut common::Client, server: Value, export: &str, sock: &Path) {
-    let add = json!({"driver": "nbd", "node-name": "remote", "server": server, "export": export});
+    let add = json!({"driver": "nbd", "node-name": "remote", "server": server, "export": export,
+                     "reconnect-delay": 10});
     assert_eq!(c.cmd("blockdev-add", add), json!({"return": {}}));
     let nodes = c.cmd("query-named-block-nodes", json!({}));
     assert_eq!(nodes["return"][0]["drv"], "nbd", "{nodes}");
@@ -480,15 +481,21 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
         "remote.qcow2",
     ]));
     let qnbd_sock = dir.join("qemu-nbd.sock");
-    let qemu_nbd = Killed(
-        Command::new("qemu-nbd")
-            .current_dir(dir)
-            .arg("-k")
-            .arg(&qnbd_sock)
-            .args(["-f", "qcow2", "-x", "exp", "--persistent", "remote.qcow2"])
-            .spawn()
-            .expect("qemu-nbd"),
-    );
+    let start_qemu_nbd = {
+        let (dir, sock) = (dir.to_owned(), qnbd_sock.clone());
+        move || {
+            Killed(
+                Command::new("qemu-nbd")
+                    .current_dir(&dir)
+                    .arg("-k")
+                    .arg(&sock)
+                    .args(["-f", "qcow2", "-x", "exp", "--persistent", "remote.qcow2"])
+                    .spawn()
+                    .expect("qemu-nbd"),
+            )
+        }
+    };
+    let qemu_nbd = start_qemu_nbd();
     wait_for_path(&qnbd_sock);
     let mut c = d.client();
     let bad = json!({"driver": "nbd", "node-name": "bad",
@@ -523,6 +530,14 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
         map.lines().next().is_some_and(|l| l.contains("data")),
         "{map}"
     );
+    // The server goes away and comes back within reconnect-delay: requests wait and succeed.
+    drop(qemu_nbd);
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        start_qemu_nbd()
+    });
+    qemu_io(&target, &["read -P 0x55 1M 64k", "write -P 0x56 3M 4k"]);
+    let qemu_nbd = restart.join().expect("restart");
     assert_eq!(
         c.cmd("block-export-del", json!({"id": "x"})),
         json!({"return": {}})
@@ -538,6 +553,8 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
         "read -P 0x44 0 1M",
         "-c",
         "read -P 0x55 1M 64k",
+        "-c",
+        "read -P 0x56 3M 4k",
         "remote.qcow2",
     ]));
 

@@ -256,11 +256,15 @@ async fn handshake(
                 break;
             }
             _ if rep::is_error(r) => {
+                // Leave politely: the server need not log a broken negotiation.
+                if send_option(&mut wr, opt::ABORT, &[]).await.is_ok() {
+                    let _ = read_option_reply(&mut rd, opt::ABORT).await;
+                }
                 return Err(option_error(
                     r,
                     &data,
                     &format!("Requesting export '{export}'"),
-                ))
+                ));
             }
             _ => return Err(cerr(libc::EPROTO, "unexpected reply to NBD_OPT_GO")),
         }
