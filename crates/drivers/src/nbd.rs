@@ -59,6 +59,22 @@ impl NbdDriver {
     fn has(&self, flag: u16) -> bool {
         self.client.info().has(flag)
     }
+
+    /// Largest request length (below 4 GiB) that keeps to the block size.
+    fn max_len(&self) -> u64 {
+        let align = u64::from(self.client.info().min_block.max(1));
+        (u64::from(u32::MAX) / align) * align
+    }
+
+    /// `[offset, offset+len)` cut into requests of at most [`max_len`](Self::max_len) bytes.
+    fn requests(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+        let step = self.max_len();
+        let end = offset + len;
+        (0..len.div_ceil(step)).map(move |i| {
+            let at = offset + i * step;
+            (at, (end - at).min(step) as u32)
+        })
+    }
 }
 
 #[async_trait]
@@ -138,14 +154,9 @@ impl BlockDriver for NbdDriver {
         if flags.fua && self.has(tflags::SEND_FUA) {
             f |= cflags::FUA;
         }
-        // One request covers at most 4 GiB - 1 bytes; stay aligned to the block size.
-        let align = u64::from(self.client.info().min_block.max(1));
-        let step = (u64::from(u32::MAX) / align) * align;
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(step);
+        for (at, n) in self.requests(offset, len) {
             self.client
-                .write_zeroes(at, n as u32, f)
+                .write_zeroes(at, n, f)
                 .await
                 .map_err(|e| match e.errno {
                     libc::ENOTSUP if flags.no_fallback => {
@@ -153,7 +164,6 @@ impl BlockDriver for NbdDriver {
                     }
                     _ => block_err("NBD write zeroes", e),
                 })?;
-            at += n;
         }
         Ok(())
     }
@@ -162,16 +172,11 @@ impl BlockDriver for NbdDriver {
         if !self.has(tflags::SEND_TRIM) {
             return Ok(());
         }
-        let align = u64::from(self.client.info().min_block.max(1));
-        let step = (u64::from(u32::MAX) / align) * align;
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(step);
+        for (at, n) in self.requests(offset, len) {
             self.client
-                .trim(at, n as u32)
+                .trim(at, n)
                 .await
                 .map_err(|e| block_err("NBD trim", e))?;
-            at += n;
         }
         Ok(())
     }
@@ -187,8 +192,7 @@ impl BlockDriver for NbdDriver {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        let align = u64::from(self.client.info().min_block.max(1));
-        let ask = len.min((u64::from(u32::MAX) / align) * align) as u32;
+        let ask = len.min(self.max_len()) as u32;
         let extents = self
             .client
             .block_status(offset, ask)

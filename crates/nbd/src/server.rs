@@ -453,15 +453,29 @@ impl NbdServer {
             }
             let mut data = vec![0u8; header.len as usize];
             rd.read_exact(&mut data).await?;
-            match self
+            let next = match self
                 .option(&mut hs, header.option, &data, no_zeroes, wr)
-                .await?
+                .await
             {
+                Ok(next) => next,
+                Err(OptError::Io(e)) => return Err(e),
+                Err(OptError::Refuse(code, msg)) => {
+                    reply(wr, header.option, code, msg.as_bytes()).await?;
+                    Next::Continue
+                }
+            };
+            match next {
                 Next::Continue => {}
                 Next::Close => return Ok(None),
                 Next::Transmit(session) => return Ok(Some(session)),
             }
         }
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Export>, OptError> {
+        self.export(name).ok_or_else(|| {
+            OptError::Refuse(rep::ERR_UNKNOWN, format!("export '{name}' not present"))
+        })
     }
 
     async fn option<W: AsyncWrite + Unpin>(
@@ -471,7 +485,7 @@ impl NbdServer {
         data: &[u8],
         no_zeroes: bool,
         wr: &mut W,
-    ) -> std::io::Result<Next> {
+    ) -> Result<Next, OptError> {
         let multi_conn = self.config.max_connections != 1;
         match option {
             opt::EXPORT_NAME => {
@@ -506,8 +520,7 @@ impl NbdServer {
             }
             opt::LIST => {
                 if !data.is_empty() {
-                    reply(wr, option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
-                    return Ok(Next::Continue);
+                    return Err(invalid("NBD_OPT_LIST takes no data"));
                 }
                 for e in self.exports() {
                     let mut v = Vec::new();
@@ -518,29 +531,18 @@ impl NbdServer {
                 reply(wr, option, rep::ACK, &[]).await?;
                 Ok(Next::Continue)
             }
-            opt::STARTTLS => {
-                reply(wr, option, rep::ERR_POLICY, b"TLS is not configured").await?;
-                Ok(Next::Continue)
-            }
+            opt::STARTTLS => Err(OptError::Refuse(
+                rep::ERR_POLICY,
+                "TLS is not configured".into(),
+            )),
             opt::INFO | opt::GO => {
-                let req = match proto::InfoRequest::decode(data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        reply(wr, option, rep::ERR_INVALID, e.0.as_bytes()).await?;
-                        return Ok(Next::Continue);
-                    }
-                };
-                let Some(export) = self.export(&req.name) else {
-                    let msg = format!("export '{}' not present", req.name);
-                    reply(wr, option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
-                    return Ok(Next::Continue);
-                };
+                let req = proto::InfoRequest::decode(data).map_err(|e| invalid(e.0))?;
+                let export = self.find(&req.name)?;
                 let min = export.min_block();
                 let asked_block_size = req.requests.contains(&info::BLOCK_SIZE);
                 if option == opt::GO && min > 1 && !asked_block_size {
                     let msg = format!("export '{}' requires {min}-byte alignment", req.name);
-                    reply(wr, option, rep::ERR_BLOCK_SIZE_REQD, msg.as_bytes()).await?;
-                    return Ok(Next::Continue);
+                    return Err(OptError::Refuse(rep::ERR_BLOCK_SIZE_REQD, msg));
                 }
                 if req.requests.contains(&info::NAME) {
                     let mut v = info::NAME.to_be_bytes().to_vec();
@@ -581,40 +583,22 @@ impl NbdServer {
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    reply(wr, option, rep::ERR_INVALID, b"option takes no data").await?;
-                } else if hs.structured {
-                    reply(
-                        wr,
-                        option,
-                        rep::ERR_INVALID,
-                        b"structured replies already negotiated",
-                    )
-                    .await?;
-                } else {
-                    hs.structured = true;
-                    reply(wr, option, rep::ACK, &[]).await?;
+                    return Err(invalid("option takes no data"));
                 }
+                if hs.structured {
+                    return Err(invalid("structured replies already negotiated"));
+                }
+                hs.structured = true;
+                reply(wr, option, rep::ACK, &[]).await?;
                 Ok(Next::Continue)
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = option == opt::SET_META_CONTEXT;
                 if !hs.structured {
-                    let msg = b"structured replies must be negotiated first";
-                    reply(wr, option, rep::ERR_INVALID, msg).await?;
-                    return Ok(Next::Continue);
+                    return Err(invalid("structured replies must be negotiated first"));
                 }
-                let req = match proto::MetaRequest::decode(data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        reply(wr, option, rep::ERR_INVALID, e.0.as_bytes()).await?;
-                        return Ok(Next::Continue);
-                    }
-                };
-                let Some(export) = self.export(&req.name) else {
-                    let msg = format!("export '{}' not present", req.name);
-                    reply(wr, option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
-                    return Ok(Next::Continue);
-                };
+                let req = proto::MetaRequest::decode(data).map_err(|e| invalid(e.0))?;
+                let export = self.find(&req.name)?;
                 let mut ids: Vec<u32> = Vec::new();
                 if req.queries.is_empty() && !set {
                     ids.extend(0..export.contexts.len() as u32);
@@ -637,11 +621,10 @@ impl NbdServer {
                 reply(wr, option, rep::ACK, &[]).await?;
                 Ok(Next::Continue)
             }
-            _ => {
-                let msg = format!("option {option} is not supported");
-                reply(wr, option, rep::ERR_UNSUP, msg.as_bytes()).await?;
-                Ok(Next::Continue)
-            }
+            _ => Err(OptError::Refuse(
+                rep::ERR_UNSUP,
+                format!("option {option} is not supported"),
+            )),
         }
     }
 }
@@ -670,6 +653,24 @@ async fn reply<W: AsyncWrite + Unpin>(
     data: &[u8],
 ) -> std::io::Result<()> {
     wr.write_all(&proto::option_reply(option, kind, data)).await
+}
+
+/// Why an option ends without its normal replies.
+enum OptError {
+    /// The connection failed.
+    Io(std::io::Error),
+    /// Refused with an error reply (type and message); negotiation goes on.
+    Refuse(u32, String),
+}
+
+impl From<std::io::Error> for OptError {
+    fn from(e: std::io::Error) -> Self {
+        OptError::Io(e)
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> OptError {
+    OptError::Refuse(rep::ERR_INVALID, msg.into())
 }
 
 #[derive(Default)]
