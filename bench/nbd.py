@@ -47,6 +47,9 @@ def start(program, image, fmt, sock):
 
 
 def fio(sock, rw, bs, depth, seconds, size):
+    # Dirty pages left by the previous workload (or the image fill) would otherwise be
+    # written back during this one and charged to whichever server runs now.
+    os.sync()
     out = subprocess.run(
         ["fio", "--name=bench", "--ioengine=nbd",
          f"--uri=nbd+unix:///disk?socket={sock}", f"--rw={rw}", f"--bs={bs}",
