@@ -260,3 +260,115 @@ fn our_schema_is_a_subset_of_qemus() {
         }
     }
 }
+
+/// The NBD server and export commands, their errors, and BLOCK_EXPORT_DELETED.
+fn export_scenario() -> Vec<Value> {
+    let c = |name: &str, args: Value| json!({"execute": name, "arguments": args});
+    let start = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    let exp = |id: &str, node: &str| json!({"type": "nbd", "id": id, "node-name": node});
+    vec![
+        c("nbd-server-stop", json!({})),
+        c("block-export-add", exp("e", "d")),
+        c("query-block-exports", json!({})),
+        c("nbd-server-start", start.clone()),
+        c("nbd-server-start", start.clone()),
+        c("block-export-add", exp("e", "nope")),
+        c("block-export-add", exp("e", "d")),
+        c("block-export-add", exp("e", "r")),
+        c("block-export-add", exp("e2", "r")),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "r", "name": "d"}),
+        ),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "r", "writable": true}),
+        ),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "bm", "bitmaps": ["b0"]}),
+        ),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "bm",
+                                     "bitmaps": [{"node": "d", "name": "b0"}]}),
+        ),
+        c("block-export-add", exp("", "d")),
+        c("block-export-add", exp("9x", "d")),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e4", "node-name": "d", "name": "d2",
+                                     "writable": true, "writethrough": true,
+                                     "description": "x", "allocation-depth": true}),
+        ),
+        c("query-block-exports", json!({})),
+        c("blockdev-del", json!({"node-name": "d"})),
+        c("block-export-del", json!({"id": "nope"})),
+        c("block-export-del", json!({"id": "e", "mode": "bogus"})),
+        c("block-export-del", json!({"id": "e"})),
+        c("block-export-del", json!({"id": "e", "mode": "hard"})),
+        c("block-export-del", json!({"id": "e4", "mode": "hard"})),
+        c("nbd-server-add", json!({"device": "d"})),
+        c(
+            "nbd-server-add",
+            json!({"device": "d", "name": "x", "writable": true}),
+        ),
+        c("nbd-server-add", json!({"device": "nope"})),
+        c("query-block-exports", json!({})),
+        c("nbd-server-remove", json!({"name": "nope"})),
+        c("nbd-server-remove", json!({"name": "x"})),
+        c("nbd-server-remove", json!({"name": "d", "mode": "hard"})),
+        c("nbd-server-stop", json!({})),
+        c("query-block-exports", json!({})),
+        c("nbd-server-stop", json!({})),
+        c("nbd-server-remove", json!({"name": "e2"})),
+        c("blockdev-del", json!({"node-name": "d"})),
+    ]
+}
+
+/// Runs the export scenario; returns each step's reply (without timestamps) and the events
+/// that came before it.
+fn run_exports(program: &std::path::Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let opts: Vec<String> = [
+        "--blockdev",
+        "driver=file,filename=b.raw,node-name=r,read-only=on",
+        "--blockdev",
+        "driver=file,filename=a.qcow2,node-name=fa",
+        "--blockdev",
+        "driver=qcow2,file=fa,node-name=d",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let d = Daemon::start(program, &opts, dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    for request in export_scenario() {
+        c.send(&request);
+        loop {
+            let v = c.read().expect("reply");
+            if let Some(e) = v.get("event") {
+                out.push(format!("  event {e} {}", v["data"]));
+                continue;
+            }
+            out.push(format!("{request} -> {v}"));
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn export_commands_answer_as_qemu_storage_daemon() {
+    let theirs = run_exports(&qsd());
+    let ours = run_exports(&common::blockjobd());
+    assert_eq!(
+        ours,
+        theirs,
+        "\nours:\n{}\n\nqsd:\n{}",
+        ours.join("\n"),
+        theirs.join("\n")
+    );
+}

@@ -245,11 +245,8 @@ pub fn block_export_del(ctl: &mut Control, args: &Map<String, Value>) -> QmpResu
     Ok(json!({}))
 }
 
-/// `nbd-server-remove` (deprecated).
+/// `nbd-server-remove` (deprecated): `block-export-del` by id.
 pub fn nbd_server_remove(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    if ctl.exports.server().is_none() {
-        return Err(QmpError::generic("NBD server not running"));
-    }
     let name = s(args, "name").unwrap_or_default();
     ctl.exports
         .delete(name, mode(args))
