@@ -414,12 +414,7 @@ impl NbdServer {
             let _ = wr.shutdown().await;
             return;
         };
-        let Some(guard) = session.export.attach() else {
-            let _ = wr.shutdown().await;
-            return;
-        };
         transmission(session, rd, wr).await;
-        drop(guard);
     }
 
     async fn handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> std::io::Result<Option<Session>>
@@ -492,7 +487,12 @@ impl NbdServer {
                 let Ok(name) = proto::Reader::new(data).string(data.len(), "export name") else {
                     return Ok(Next::Close);
                 };
-                let Some(export) = self.export(&name) else {
+                // Counted as a client before it learns the export exists (no race with a
+                // safe block-export-del).
+                let Some((export, guard)) = self.export(&name).and_then(|e| {
+                    let g = e.attach()?;
+                    Some((e, g))
+                }) else {
                     return Ok(Next::Close);
                 };
                 let mut v = Vec::with_capacity(134);
@@ -509,6 +509,7 @@ impl NbdServer {
                 let contexts = hs.contexts_for(&name);
                 Ok(Next::Transmit(Session::new(
                     export,
+                    guard,
                     hs.structured,
                     contexts,
                     multi_conn,
@@ -538,6 +539,16 @@ impl NbdServer {
             opt::INFO | opt::GO => {
                 let req = proto::InfoRequest::decode(data).map_err(|e| invalid(e.0))?;
                 let export = self.find(&req.name)?;
+                // A client that goes ahead is counted before it hears the final ACK.
+                let guard = match option {
+                    opt::GO => Some(export.attach().ok_or_else(|| {
+                        OptError::Refuse(
+                            rep::ERR_UNKNOWN,
+                            format!("export '{}' not present", req.name),
+                        )
+                    })?),
+                    _ => None,
+                };
                 let min = export.min_block();
                 let asked_block_size = req.requests.contains(&info::BLOCK_SIZE);
                 if option == opt::GO && min > 1 && !asked_block_size {
@@ -570,16 +581,17 @@ impl NbdServer {
                 );
                 reply(wr, option, rep::INFO, &v).await?;
                 reply(wr, option, rep::ACK, &[]).await?;
-                if option == opt::INFO {
-                    return Ok(Next::Continue);
-                }
                 let contexts = hs.contexts_for(&req.name);
-                Ok(Next::Transmit(Session::new(
-                    export,
-                    hs.structured,
-                    contexts,
-                    multi_conn,
-                )))
+                match guard {
+                    Some(guard) => Ok(Next::Transmit(Session::new(
+                        export,
+                        guard,
+                        hs.structured,
+                        contexts,
+                        multi_conn,
+                    ))),
+                    None => Ok(Next::Continue),
+                }
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -698,6 +710,8 @@ enum Next {
 /// What a connection negotiated.
 struct Session {
     export: Arc<Export>,
+    /// Counts this connection as a client of the export while it lives.
+    _client: ClientGuard,
     structured: bool,
     contexts: Vec<u32>,
     flags: u16,
@@ -705,11 +719,18 @@ struct Session {
 }
 
 impl Session {
-    fn new(export: Arc<Export>, structured: bool, contexts: Vec<u32>, multi_conn: bool) -> Self {
+    fn new(
+        export: Arc<Export>,
+        client: ClientGuard,
+        structured: bool,
+        contexts: Vec<u32>,
+        multi_conn: bool,
+    ) -> Self {
         let flags = export.transmission_flags(structured, multi_conn);
         let min_block = export.min_block();
         Session {
             export,
+            _client: client,
             structured,
             contexts,
             flags,
