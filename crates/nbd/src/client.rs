@@ -347,16 +347,17 @@ impl Conn {
         let weak = Arc::downgrade(&conn);
         let task = tokio::spawn(async move {
             let mut rd = rd;
-            let why = receive(&weak, &mut rd).await;
+            // Whatever ended the loop, requests still waiting are retried or failed by `call`.
+            let _ended_by = receive(&weak, &mut rd).await;
             if let Some(conn) = weak.upgrade() {
-                conn.fail_all(why);
+                conn.fail_all();
             }
         });
         *lock(&conn.reader) = Some(task);
         conn
     }
 
-    fn fail_all(&self, _why: ClientError) {
+    fn fail_all(&self) {
         self.dead.store(true, Ordering::SeqCst);
         for (_, p) in lock(&self.pending).drain() {
             let _ = p.reply.send(Err(Lost));
@@ -395,7 +396,7 @@ impl Conn {
             }
         };
         if sent.is_err() {
-            self.fail_all(cerr(libc::EIO, "write failed"));
+            self.fail_all();
         }
         rx.await.unwrap_or(Err(Lost))
     }
@@ -611,9 +612,13 @@ impl Client {
         buf: Option<BytesMut>,
     ) -> Result<Outcome, ClientError> {
         let deadline = Instant::now() + self.reconnect_delay;
+        // A read's buffer goes with the request; a retry after a lost connection gets a new one.
+        let buf_len = buf.as_ref().map(BytesMut::len);
+        let mut buf = buf;
         loop {
+            let attempt = buf.take().or_else(|| buf_len.map(BytesMut::zeroed));
             let last = match self.live_conn().await {
-                Ok(conn) => match conn.call(req, payload.as_ref(), buf.clone()).await {
+                Ok(conn) => match conn.call(req, payload.as_ref(), attempt).await {
                     Ok(Outcome::Failed(e)) => return Err(e),
                     Ok(o) => return Ok(o),
                     Err(Lost) => cerr(libc::EIO, "the NBD connection was lost"),
