@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use block::engine::{IoEngine, Seek, SharedFd, ThreadPoolEngine};
+use block::engine::{IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
 use block::{BlockDriver, BlockError, BlockStatus, Facts, ImageInfo, IoVec, Result};
 use block::{WriteFlags, ZeroFlags};
 use bytes::BytesMut;
@@ -72,6 +72,11 @@ pub struct FileDriver {
     seekable_holes: bool,
     /// Request alignment: 1, or what O_DIRECT needs.
     request_align: u32,
+    /// Buffered writes to a regular file go through one lane, in order (see [`Lane`]): with 16
+    /// writers in flight, the kernel's inode lock alone let a few wait over 6 ms while most
+    /// passed in 0.4 ms (bench/nbd.sh, 4 KiB random writes). `None` for O_DIRECT and block
+    /// devices, whose writes run in parallel in the kernel.
+    write_lane: Option<Arc<Lane>>,
 }
 
 impl FileDriver {
@@ -112,6 +117,7 @@ impl FileDriver {
             meta.len()
         };
         let seekable_holes = meta.file_type().is_file();
+        let write_lane = (seekable_holes && !options.direct).then(Arc::default);
         Ok(FileDriver {
             fd: Arc::new(fd),
             engine: ThreadPoolEngine::global(),
@@ -119,6 +125,7 @@ impl FileDriver {
             options,
             seekable_holes,
             request_align,
+            write_lane,
         })
     }
 
@@ -234,10 +241,19 @@ impl BlockDriver for FileDriver {
 
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
         let end = offset + data.len() as u64;
-        self.engine
-            .write_at(&self.fd, offset, data, self.align())
-            .await
-            .map_err(|e| BlockError::io(format!("writing '{}' at {offset}", self.name()), e))?;
+        let written = match &self.write_lane {
+            Some(lane) => {
+                self.engine
+                    .write_at_in_order(lane, &self.fd, offset, data, self.align())
+                    .await
+            }
+            None => {
+                self.engine
+                    .write_at(&self.fd, offset, data, self.align())
+                    .await
+            }
+        };
+        written.map_err(|e| BlockError::io(format!("writing '{}' at {offset}", self.name()), e))?;
         self.len.fetch_max(end, Ordering::AcqRel);
         if flags.fua {
             self.sync().await?;
