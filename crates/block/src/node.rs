@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use bitmap::DirtyBitmap;
+
 use crate::buf::IoVec;
 use crate::drain::{DrainGate, Drained, InFlight};
 use crate::driver::{BlockDriver, BlockStatus, Facts, WriteFlags, ZeroFlags};
@@ -98,6 +100,25 @@ pub struct BlockNode {
     /// QEMU's `discard=ignore`: discards succeed without reaching the driver, and
     /// write-zeroes may not deallocate.
     discard_ignored: AtomicBool,
+    /// The node's dirty bitmaps; every write, write-zeroes and discard that reaches the node
+    /// marks the recording ones, whoever issues it.
+    bitmaps: Mutex<Vec<DirtyBitmap>>,
+}
+
+/// Marks the node's bitmaps when dropped: after the request, whether it succeeded, failed or
+/// was abandoned half way (a failed write may have changed part of the range, as in QEMU).
+struct MarkDirty<'a> {
+    node: &'a BlockNode,
+    offset: u64,
+    len: u64,
+}
+
+impl Drop for MarkDirty<'_> {
+    fn drop(&mut self) {
+        for b in lock(&self.node.bitmaps).iter_mut() {
+            b.record_write(self.offset, self.len);
+        }
+    }
 }
 
 impl fmt::Debug for BlockNode {
@@ -224,7 +245,22 @@ impl BlockNode {
             hooks: RwLock::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
             discard_ignored: AtomicBool::new(false),
+            bitmaps: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The node's dirty bitmaps, locked. Hold the guard briefly: writes to the node wait for
+    /// it to mark their range.
+    pub fn bitmaps(&self) -> std::sync::MutexGuard<'_, Vec<DirtyBitmap>> {
+        lock(&self.bitmaps)
+    }
+
+    fn mark_dirty_after(&self, offset: u64, len: u64) -> MarkDirty<'_> {
+        MarkDirty {
+            node: self,
+            offset,
+            len,
+        }
     }
 
     /// Sets QEMU's `discard` option: `ignore` (true) drops discards at this node and keeps
@@ -438,6 +474,7 @@ impl BlockNode {
             return Ok(());
         }
         self.run_hooks(offset, len, WriteKind::Write).await?;
+        let _mark = self.mark_dirty_after(offset, len);
         let align = u64::from(self.facts.request_alignment);
         if align == 1 {
             return self.write_chunks(offset, data, flags).await;
@@ -500,6 +537,7 @@ impl BlockNode {
             return Ok(());
         }
         self.run_hooks(offset, len, WriteKind::Zeroes).await?;
+        let _mark = self.mark_dirty_after(offset, len);
         let align = u64::from(self.facts.request_alignment);
         let (start, end) = (align_up(offset, align), align_down(offset + len, align));
         if start >= end {
@@ -553,6 +591,7 @@ impl BlockNode {
         if self.discard_ignored() {
             return Ok(());
         }
+        let _mark = self.mark_dirty_after(offset, len);
         let align = u64::from(self.facts.request_alignment);
         let (start, end) = (align_up(offset, align), align_down(offset + len, align));
         if start >= end {
@@ -739,5 +778,37 @@ mod tests {
         assert_eq!(a.parents().len(), 0);
         assert_eq!(b.parents().len(), 1);
         assert_eq!(edge.read(0, 1).await.expect("r")[0], 0, "reads now reach b");
+    }
+
+    #[tokio::test]
+    async fn writes_zeroes_and_discards_mark_recording_bitmaps() {
+        let node = mem(1 << 20);
+        node.bitmaps()
+            .push(DirtyBitmap::new(Some("on".into()), 1 << 20, 65536).expect("bitmap"));
+        let mut off = DirtyBitmap::new(Some("off".into()), 1 << 20, 65536).expect("bitmap");
+        off.set_recording(false);
+        node.bitmaps().push(off);
+        let edge = Child::new(ChildRole::Root, node.clone());
+        edge.write(100, IoVec::from(vec![1u8; 10]), WriteFlags::default())
+            .await
+            .expect("w");
+        edge.write_zeroes(200_000, 4096, ZeroFlags::default())
+            .await
+            .expect("z");
+        edge.discard(65536 * 5, 512).await.expect("d");
+        // Refused requests mark nothing.
+        assert!(edge
+            .write(1 << 20, IoVec::from(vec![1u8; 512]), WriteFlags::default())
+            .await
+            .is_err());
+        let bitmaps = node.bitmaps();
+        let on = &bitmaps[0];
+        assert_eq!(on.dirty_bytes(), 3 * 65536);
+        assert!(on.is_dirty(0) && on.is_dirty(196_608) && on.is_dirty(5 * 65536));
+        assert_eq!(
+            bitmaps[1].dirty_bytes(),
+            0,
+            "a disabled bitmap records nothing"
+        );
     }
 }
