@@ -14,11 +14,69 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd::server::Listener;
+use async_trait::async_trait;
+use block::{BlockBackend, BlockNode};
+use nbd::proto::Extent;
+use nbd::server::{Listener, MetaContext};
 use nbd::{Export, NbdServer};
 use qmp::Event;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
+
+/// A dirty bitmap exported as `qemu:dirty-bitmap:<name>`: extents with flag 1 are dirty. The
+/// bitmap is busy for as long as the export exists ([`ExportEntry::bitmaps`]).
+#[derive(Debug)]
+pub struct BitmapContext {
+    /// The node holding the bitmap (not necessarily the exported node).
+    pub node: Arc<BlockNode>,
+    /// The bitmap's name.
+    pub name: String,
+}
+
+/// Longest extent reported, so that lengths fit the protocol's 32 bits.
+const MAX_EXTENT: u64 = 1 << 31;
+
+#[async_trait]
+impl MetaContext for BitmapContext {
+    fn name(&self) -> String {
+        format!("qemu:dirty-bitmap:{}", self.name)
+    }
+
+    async fn extents(
+        &self,
+        _backend: &BlockBackend,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> block::Result<Vec<Extent>> {
+        let bitmaps = self.node.bitmaps();
+        let Some(b) = bitmaps.iter().find(|b| b.name() == Some(&self.name)) else {
+            // Busy bitmaps cannot be removed; reaching this means the node itself went.
+            return Err(block::BlockError::invalid(format!(
+                "bitmap '{}' is gone",
+                self.name
+            )));
+        };
+        let end = offset.saturating_add(len);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end && out.len() < max.max(1) {
+            let (stop, flags) = if b.is_dirty(at) && at < b.disk_size() {
+                (b.next_clean(at, end).unwrap_or(end), 1)
+            } else {
+                let next = b.next_dirty_area(at, end, u64::MAX).map_or(end, |(s, _)| s);
+                (next, 0)
+            };
+            let n = (stop - at).min(MAX_EXTENT);
+            out.push(Extent {
+                len: n as u32,
+                flags,
+            });
+            at += n;
+        }
+        Ok(out)
+    }
+}
 
 /// One export as `query-block-exports` lists it.
 #[derive(Debug)]
@@ -29,6 +87,19 @@ pub struct ExportEntry {
     pub export: Arc<Export>,
     /// Deletion has started; the entry goes when the last client has gone.
     pub shutting_down: bool,
+    /// Exported dirty bitmaps, busy until the entry goes.
+    pub bitmaps: Vec<(Arc<BlockNode>, String)>,
+}
+
+impl ExportEntry {
+    /// The export is gone: its bitmaps are free again.
+    fn release(&self) {
+        for (node, name) in &self.bitmaps {
+            if let Some(b) = node.bitmaps().iter_mut().find(|b| b.name() == Some(name)) {
+                b.set_busy(false);
+            }
+        }
+    }
 }
 
 /// The running NBD server.
@@ -61,13 +132,18 @@ fn deleted(events: &broadcast::Sender<Event>, id: &str) {
 
 /// Drops entry `id` and announces it, unless someone else already did.
 fn remove(entries: &Mutex<Vec<ExportEntry>>, events: &broadcast::Sender<Event>, id: &str) {
-    let gone = {
+    let gone: Vec<ExportEntry> = {
         let mut entries = lock(entries);
-        let before = entries.len();
-        entries.retain(|e| e.id != id);
-        entries.len() != before
+        let (gone, kept) = std::mem::take(&mut *entries)
+            .into_iter()
+            .partition(|e| e.id == id);
+        *entries = kept;
+        gone
     };
-    if gone {
+    for entry in &gone {
+        entry.release();
+    }
+    if !gone.is_empty() {
         deleted(events, id);
     }
 }
@@ -135,12 +211,13 @@ impl Exports {
         lock(&self.entries).iter().any(|e| e.id == id)
     }
 
-    /// Registers an export already added to the server.
-    pub fn insert(&self, id: String, export: Arc<Export>) {
+    /// Registers an export already added to the server, with the bitmaps it made busy.
+    pub fn insert(&self, id: String, export: Arc<Export>, bitmaps: Vec<(Arc<BlockNode>, String)>) {
         lock(&self.entries).push(ExportEntry {
             id,
             export,
             shutting_down: false,
+            bitmaps,
         });
     }
 

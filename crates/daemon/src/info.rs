@@ -109,5 +109,8 @@ pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value 
         json!({"writeback": true, "direct": entry.cache.direct, "no-flush": entry.cache.no_flush}),
     );
     m.insert("write_threshold".into(), json!(0));
+    if let Some(bitmaps) = crate::commands::dirty_info(node) {
+        m.insert("dirty-bitmaps".into(), bitmaps);
+    }
     Value::Object(m)
 }

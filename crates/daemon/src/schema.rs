@@ -188,6 +188,7 @@ fn query_types(s: &mut Schema) {
             "image:ImageInfo",
             "cache:BlockdevCacheInfo",
             "write_threshold:int",
+            "*dirty-bitmaps:[BlockDirtyInfo]",
         ],
     )
     .object("QueryNamedBlockNodesArgs", &["*flat:bool"])
@@ -200,6 +201,84 @@ fn query_types(s: &mut Schema) {
             "removable:bool",
             "locked:bool",
             "*inserted:BlockDeviceInfo",
+        ],
+    );
+}
+
+fn bitmap_types(s: &mut Schema) {
+    s.object(
+        "BlockDirtyInfo",
+        &[
+            "*name:str",
+            "count:int",
+            "granularity:uint32",
+            "recording:bool",
+            "busy:bool",
+            "persistent:bool",
+            "*inconsistent:bool",
+        ],
+    )
+    .object("BlockDirtyBitmap", &["node:str", "name:str"])
+    .alternate("BlockDirtyBitmapOrStr", &["str", "BlockDirtyBitmap"])
+    .object(
+        "BlockDirtyBitmapAdd",
+        &[
+            "node:str",
+            "name:str",
+            "*granularity:uint32",
+            "*persistent:bool",
+            "*disabled:bool",
+        ],
+    )
+    .object(
+        "BlockDirtyBitmapMerge",
+        &["node:str", "target:str", "bitmaps:[BlockDirtyBitmapOrStr]"],
+    )
+    .object("BlockDirtyBitmapSha256", &["sha256:str"])
+    .enumeration(
+        "TransactionActionKind",
+        &[
+            "abort",
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge",
+        ],
+    )
+    .object("Abort", &[])
+    .object("AbortWrapper", &["data:Abort"])
+    .object("BlockDirtyBitmapAddWrapper", &["data:BlockDirtyBitmapAdd"])
+    .object("BlockDirtyBitmapWrapper", &["data:BlockDirtyBitmap"])
+    .object(
+        "BlockDirtyBitmapMergeWrapper",
+        &["data:BlockDirtyBitmapMerge"],
+    )
+    .union(
+        "TransactionAction",
+        &["type:TransactionActionKind"],
+        "type",
+        &[
+            ("abort", "AbortWrapper"),
+            ("block-dirty-bitmap-add", "BlockDirtyBitmapAddWrapper"),
+            ("block-dirty-bitmap-remove", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-clear", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-enable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
+        ],
+    )
+    .enumeration("ActionCompletionMode", &["individual", "grouped"])
+    .object(
+        "TransactionProperties",
+        &["*completion-mode:ActionCompletionMode"],
+    )
+    .object(
+        "TransactionArgs",
+        &[
+            "actions:[TransactionAction]",
+            "*properties:TransactionProperties",
         ],
     );
 }
@@ -242,8 +321,6 @@ fn export_types(s: &mut Schema) {
             ],
         )
         .enumeration("BlockExportType", &["nbd"])
-        .object("BlockDirtyBitmap", &["node:str", "name:str"])
-        .alternate("BlockDirtyBitmapOrStr", &["str", "BlockDirtyBitmap"])
         .union(
             "BlockExportOptions",
             &[
@@ -307,6 +384,7 @@ pub fn schema() -> Schema {
     introspection_types(&mut s);
     blockdev_types(&mut s);
     query_types(&mut s);
+    bitmap_types(&mut s);
     export_types(&mut s);
     s.command("qmp_capabilities", Some("QmpCapabilitiesArgs"), None, &[])
         .command("query-version", None, Some("VersionInfo"), &[])
@@ -339,6 +417,49 @@ pub fn schema() -> Schema {
             None,
             &["deprecated"],
         )
+        .command(
+            "block-dirty-bitmap-add",
+            Some("BlockDirtyBitmapAdd"),
+            None,
+            &[],
+        )
+        .command(
+            "block-dirty-bitmap-remove",
+            Some("BlockDirtyBitmap"),
+            None,
+            &[],
+        )
+        .command(
+            "block-dirty-bitmap-clear",
+            Some("BlockDirtyBitmap"),
+            None,
+            &[],
+        )
+        .command(
+            "block-dirty-bitmap-enable",
+            Some("BlockDirtyBitmap"),
+            None,
+            &[],
+        )
+        .command(
+            "block-dirty-bitmap-disable",
+            Some("BlockDirtyBitmap"),
+            None,
+            &[],
+        )
+        .command(
+            "block-dirty-bitmap-merge",
+            Some("BlockDirtyBitmapMerge"),
+            None,
+            &[],
+        )
+        .command(
+            "x-debug-block-dirty-bitmap-sha256",
+            Some("BlockDirtyBitmap"),
+            Some("BlockDirtyBitmapSha256"),
+            &["unstable"],
+        )
+        .command("transaction", Some("TransactionArgs"), None, &[])
         .event("BLOCK_EXPORT_DELETED", Some("BlockExportDeletedData"));
     s
 }

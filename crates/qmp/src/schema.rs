@@ -701,7 +701,7 @@ fn check_builtin(b: Builtin, value: &mut Value, path: &Path, keyval: bool) -> Qm
                 true
             } else if n.is_i64() || n.is_u64() {
                 return Err(QmpError::generic(format!(
-                    "Parameter '{}' expects uint32",
+                    "Parameter '{}' expects uint32_t",
                     path.full()
                 )));
             } else {
@@ -740,7 +740,7 @@ fn convert_keyval(b: Builtin, s: &str, path: &Path) -> QmpResult<Option<Value>> 
             let v = parse_int(s)
                 .and_then(|v| u32::try_from(v).ok())
                 .or_else(|| s.trim().parse::<u32>().ok());
-            Some(Value::from(v.ok_or_else(|| bad("uint32"))?))
+            Some(Value::from(v.ok_or_else(|| bad("uint32_t"))?))
         }
         Builtin::Size => Some(Value::from(
             parse_size(s).ok_or_else(|| bad("a non-negative number below 2^64"))?,

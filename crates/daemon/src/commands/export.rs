@@ -2,16 +2,18 @@
 //! `nbd-server-add/remove`, with QEMU's messages.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use block::{BlockBackend, ChildRole};
-use nbd::server::Listener;
+use block::{BlockBackend, BlockNode, ChildRole};
+use nbd::server::{Listener, MetaContext};
 use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
 use qmp::{QmpError, QmpResult};
 use serde_json::{json, Map, Value};
 
+use super::bitmap;
 use crate::control::Control;
-use crate::exports::RemoveMode;
+use crate::exports::{BitmapContext, RemoveMode};
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
@@ -157,16 +159,7 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
             "NBD server already has export named '{name}'"
         )));
     }
-    if let Some(first) = x.bitmaps.first() {
-        // Dirty bitmaps arrive with Step 4; no node has one yet.
-        return Err(QmpError::generic(match first {
-            Value::String(b) => format!("Bitmap '{b}' is not found"),
-            other => format!(
-                "Dirty bitmap '{}' not found",
-                other.get("name").and_then(Value::as_str).unwrap_or("")
-            ),
-        }));
-    }
+    let bitmaps = export_bitmaps(ctl, &node, &x)?;
     let export = Export::new(ExportConfig {
         name: name.to_owned(),
         description: description.to_owned(),
@@ -174,13 +167,98 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
         writable: x.writable,
         writethrough: x.writethrough,
         allocation_depth: x.allocation_depth,
-        extra_contexts: Vec::new(),
+        extra_contexts: bitmaps
+            .iter()
+            .map(|(node, name)| {
+                Arc::new(BitmapContext {
+                    node: node.clone(),
+                    name: name.clone(),
+                }) as Arc<dyn MetaContext>
+            })
+            .collect(),
     });
     server
         .add_export(export.clone())
         .map_err(QmpError::generic)?;
-    ctl.exports.insert(x.id.to_owned(), export);
+    for (node, name) in &bitmaps {
+        if let Some(b) = node.bitmaps().iter_mut().find(|b| b.name() == Some(name)) {
+            b.set_busy(true);
+        }
+    }
+    ctl.exports.insert(x.id.to_owned(), export, bitmaps);
     Ok(json!({}))
+}
+
+/// The bitmaps an export offers, checked as QEMU checks them: a bare name is looked up on the
+/// node and down its backing chain; a `{node, name}` pair where it says. Busy or inconsistent
+/// bitmaps are refused, and so is a recording bitmap on a read-only export of a writable node
+/// (it would change under the reader).
+fn export_bitmaps(
+    ctl: &Control,
+    node: &Arc<BlockNode>,
+    x: &NewExport<'_>,
+) -> QmpResult<Vec<(Arc<BlockNode>, String)>> {
+    let node_writable = !ctl.nodes.entry(node.name()).is_some_and(|e| e.read_only);
+    let mut out: Vec<(Arc<BlockNode>, String)> = Vec::new();
+    for spec in &x.bitmaps {
+        let (holder, name) = match spec {
+            Value::String(name) => {
+                let mut at = Some(node.clone());
+                let mut found = None;
+                while let Some(n) = at {
+                    if n.bitmaps().iter().any(|b| b.name() == Some(name)) {
+                        found = Some(n);
+                        break;
+                    }
+                    at = n
+                        .child(ChildRole::Backing)
+                        .or_else(|| n.child(ChildRole::Filtered))
+                        .map(|c| c.node());
+                }
+                let holder = found
+                    .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?;
+                (holder, name.clone())
+            }
+            other => {
+                let n = other.get("node").and_then(Value::as_str).unwrap_or("");
+                let name = other.get("name").and_then(Value::as_str).unwrap_or("");
+                let holder = bitmap::node(ctl, n)?;
+                if !holder.bitmaps().iter().any(|b| b.name() == Some(name)) {
+                    return Err(QmpError::generic(format!(
+                        "Dirty bitmap '{name}' not found"
+                    )));
+                }
+                (holder, name.to_owned())
+            }
+        };
+        let (busy, inconsistent, recording) = holder
+            .bitmaps()
+            .iter()
+            .find(|b| b.name() == Some(&name))
+            .map(|b| (b.busy(), b.inconsistent(), b.recording()))
+            .unwrap_or_default();
+        if busy
+            || out
+                .iter()
+                .any(|(n, m)| Arc::ptr_eq(n, &holder) && *m == name)
+        {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if inconsistent {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            )));
+        }
+        if !x.writable && node_writable && recording {
+            return Err(QmpError::generic(format!(
+                "Enabled bitmap '{name}' incompatible with readonly export"
+            )));
+        }
+        out.push((holder, name));
+    }
+    Ok(out)
 }
 
 /// `block-export-add` (type nbd).

@@ -2,11 +2,15 @@
 //! Arguments arrive checked against the schema, so handlers read them without re-validating
 //! their types.
 
+mod bitmap;
 mod blockdev_add;
 mod blockdev_del;
 mod export;
 mod query;
 mod query_named_block_nodes;
+mod transaction;
+
+pub use bitmap::dirty_info;
 
 use qmp::{QmpError, QmpResult};
 use serde_json::{json, Map, Value};
@@ -34,6 +38,14 @@ pub async fn execute(
         "query-block-exports" => Ok(ctl.exports.query()),
         "nbd-server-add" => export::nbd_server_add(ctl, &arguments),
         "nbd-server-remove" => export::nbd_server_remove(ctl, &arguments),
+        "block-dirty-bitmap-add"
+        | "block-dirty-bitmap-remove"
+        | "block-dirty-bitmap-clear"
+        | "block-dirty-bitmap-enable"
+        | "block-dirty-bitmap-disable"
+        | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments),
+        "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256(ctl, &arguments),
+        "transaction" => transaction::run(ctl, &arguments),
         "quit" => {
             ctl.shutdown.send_replace(true);
             Ok(json!({}))

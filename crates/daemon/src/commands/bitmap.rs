@@ -1,0 +1,341 @@
+//! `block-dirty-bitmap-add/remove/clear/enable/disable/merge` and
+//! `x-debug-block-dirty-bitmap-sha256`.
+//!
+//! Each change returns an [`Undo`], so that `transaction` can apply actions one by one and roll
+//! back every earlier one when a later one fails; the plain commands commit at once. Error
+//! texts are QEMU's (see tests/bitmaps.rs, which compares them with qemu-storage-daemon).
+
+use std::sync::Arc;
+
+use bitmap::{check_granularity, DirtyBitmap, HBitmap};
+use block::BlockNode;
+use qmp::{QmpError, QmpResult};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::control::Control;
+
+/// Longest bitmap name (qcow2's limit, which QEMU applies to every bitmap).
+const MAX_NAME: usize = 1023;
+
+/// How to take back one applied bitmap change.
+#[derive(Debug)]
+pub enum Undo {
+    /// A bitmap was added.
+    Added { node: Arc<BlockNode>, name: String },
+    /// A bitmap is to be removed: it stays, busy, until the change commits.
+    Removing { node: Arc<BlockNode>, name: String },
+    /// The bits of a bitmap changed (clear, merge).
+    Bits {
+        node: Arc<BlockNode>,
+        name: String,
+        bits: HBitmap,
+    },
+    /// Recording was switched (enable, disable).
+    Recording {
+        node: Arc<BlockNode>,
+        name: String,
+        was: bool,
+    },
+}
+
+fn with_bitmap<T>(
+    node: &BlockNode,
+    name: &str,
+    f: impl FnOnce(&mut DirtyBitmap) -> T,
+) -> Option<T> {
+    node.bitmaps()
+        .iter_mut()
+        .find(|b| b.name() == Some(name))
+        .map(f)
+}
+
+impl Undo {
+    /// Takes the change back.
+    pub fn undo(self) {
+        match self {
+            Undo::Added { node, name } => node.bitmaps().retain(|b| b.name() != Some(&name)),
+            Undo::Removing { node, name } => {
+                with_bitmap(&node, &name, |b| b.set_busy(false));
+            }
+            Undo::Bits { node, name, bits } => {
+                with_bitmap(&node, &name, |b| b.restore(bits));
+            }
+            Undo::Recording { node, name, was } => {
+                with_bitmap(&node, &name, |b| b.set_recording(was));
+            }
+        }
+    }
+
+    /// Makes the change final.
+    pub fn commit(self) {
+        if let Undo::Removing { node, name } = self {
+            node.bitmaps().retain(|b| b.name() != Some(&name));
+        }
+    }
+}
+
+fn s<'a>(m: &'a Map<String, Value>, k: &str) -> &'a str {
+    m.get(k).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The node of `block-dirty-bitmap-add` (looked up as device or node name).
+fn node_for_add(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
+    ctl.nodes
+        .entry(name)
+        .map(|e| e.node.clone())
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+}
+
+/// The node holding the bitmaps another command names.
+pub fn node(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
+    ctl.nodes
+        .entry(name)
+        .map(|e| e.node.clone())
+        .ok_or_else(|| QmpError::generic(format!("Node '{name}' not found")))
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!("Dirty bitmap '{name}' not found"))
+}
+
+fn busy(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Bitmap '{name}' is currently in use by another operation and cannot be used"
+    ))
+}
+
+/// What a command may do with a bitmap in a given state (QEMU's bitmap checks).
+#[derive(Clone, Copy)]
+enum Allow {
+    /// Not busy, not inconsistent.
+    Consistent,
+    /// Not busy (removal works on inconsistent bitmaps).
+    NotBusy,
+}
+
+/// Runs `f` on bitmap `name` of `node` after checking it may be used as `allow` says.
+fn use_bitmap<T>(
+    node: &BlockNode,
+    name: &str,
+    allow: Allow,
+    f: impl FnOnce(&mut DirtyBitmap) -> T,
+) -> QmpResult<T> {
+    let mut bitmaps = node.bitmaps();
+    let b = bitmaps
+        .iter_mut()
+        .find(|b| b.name() == Some(name))
+        .ok_or_else(|| not_found(name))?;
+    if b.busy() {
+        return Err(busy(name));
+    }
+    if matches!(allow, Allow::Consistent) && b.inconsistent() {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{name}' is inconsistent and cannot be used"
+        )));
+    }
+    Ok(f(b))
+}
+
+/// The granularity QEMU picks when none is given: the cluster size within [4 KiB, 64 KiB], or
+/// 64 KiB for nodes without clusters.
+fn default_granularity(node: &BlockNode) -> u64 {
+    match node.driver().facts().cluster_size {
+        Some(c) if c > 0 => u64::from(c).clamp(4096, 65536),
+        _ => 65536,
+    }
+}
+
+/// `block-dirty-bitmap-add`.
+pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
+    let name = s(args, "name");
+    if name.is_empty() {
+        return Err(QmpError::generic("Bitmap name cannot be empty"));
+    }
+    let node = node_for_add(ctl, s(args, "node"))?;
+    let granularity = match args.get("granularity").and_then(Value::as_u64) {
+        Some(g) => {
+            check_granularity(g).map_err(|e| QmpError::generic(e.to_string()))?;
+            g
+        }
+        None => default_granularity(&node),
+    };
+    if args.get("persistent").and_then(Value::as_bool) == Some(true) {
+        let why = if node.driver().driver_name() == "qcow2" {
+            "blockjobd cannot store bitmaps in qcow2 images yet"
+        } else {
+            "Operation not supported"
+        };
+        return Err(QmpError::generic(format!(
+            "Can't store persistent bitmaps to {}: {why}",
+            node.name()
+        )));
+    }
+    let mut bitmaps = node.bitmaps();
+    if bitmaps.iter().any(|b| b.name() == Some(name)) {
+        return Err(QmpError::generic(format!("Bitmap already exists: {name}")));
+    }
+    if name.len() > MAX_NAME {
+        return Err(QmpError::generic(format!("Bitmap name too long: {name}")));
+    }
+    let mut b = DirtyBitmap::new(Some(name.to_owned()), node.len(), granularity)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    if args.get("disabled").and_then(Value::as_bool) == Some(true) {
+        b.set_recording(false);
+    }
+    bitmaps.push(b);
+    drop(bitmaps);
+    Ok(Undo::Added {
+        node,
+        name: name.to_owned(),
+    })
+}
+
+/// `block-dirty-bitmap-remove`: the bitmap is marked busy until the change commits.
+pub fn remove(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
+    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    use_bitmap(&node, name, Allow::NotBusy, |b| b.set_busy(true))?;
+    Ok(Undo::Removing {
+        node,
+        name: name.to_owned(),
+    })
+}
+
+/// `block-dirty-bitmap-clear`.
+pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
+    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let bits = use_bitmap(&node, name, Allow::Consistent, DirtyBitmap::clear)?;
+    Ok(Undo::Bits {
+        node,
+        name: name.to_owned(),
+        bits,
+    })
+}
+
+/// `block-dirty-bitmap-enable` (`on`) and `-disable`.
+pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpResult<Undo> {
+    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let was = use_bitmap(&node, name, Allow::NotBusy, |b| {
+        let was = b.recording();
+        b.set_recording(on);
+        was
+    })?;
+    Ok(Undo::Recording {
+        node,
+        name: name.to_owned(),
+        was,
+    })
+}
+
+/// `block-dirty-bitmap-merge`: every source ORed into the target, all or nothing.
+pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
+    let node = node(ctl, s(args, "node"))?;
+    let target = s(args, "target");
+    use_bitmap(&node, target, Allow::Consistent, |_| ())?;
+    // Copy the sources first: a source may live on the target's node (one lock at a time).
+    let mut sources = Vec::new();
+    for src in args
+        .get("bitmaps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (src_node, src_name) = match src {
+            Value::String(name) => (node.clone(), name.as_str()),
+            other => (
+                self::node(ctl, other.get("node").and_then(Value::as_str).unwrap_or(""))?,
+                other.get("name").and_then(Value::as_str).unwrap_or(""),
+            ),
+        };
+        sources.push(use_bitmap(&src_node, src_name, Allow::Consistent, |b| {
+            b.clone()
+        })?);
+    }
+    let mut merged = use_bitmap(&node, target, Allow::Consistent, |b| b.clone())?;
+    for src in &sources {
+        if src.disk_size() != merged.disk_size() {
+            return Err(QmpError::generic(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                merged.disk_size(),
+                src.disk_size()
+            )));
+        }
+        merged
+            .merge_from(src)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+    }
+    let merged_bits = merged.bits().clone();
+    let bits = use_bitmap(&node, target, Allow::Consistent, |b| {
+        let old = b.clear();
+        b.restore(merged_bits);
+        old
+    })?;
+    Ok(Undo::Bits {
+        node,
+        name: target.to_owned(),
+        bits,
+    })
+}
+
+/// `x-debug-block-dirty-bitmap-sha256`: SHA-256 of the bits as 64-bit little-endian words,
+/// which is what QEMU hashes, so the two agree on equal bitmaps.
+pub fn sha256(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let digest = with_bitmap(&node, name, |b| {
+        let mut h = Sha256::new();
+        for w in b.bits().words() {
+            h.update(w.to_le_bytes());
+        }
+        h.finalize()
+    })
+    .ok_or_else(|| not_found(name))?;
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(json!({ "sha256": hex }))
+}
+
+/// `dirty-bitmaps` of a node for the queries: newest first; `None` when it has none.
+pub fn dirty_info(node: &BlockNode) -> Option<Value> {
+    let bitmaps = node.bitmaps();
+    if bitmaps.is_empty() {
+        return None;
+    }
+    let list = bitmaps
+        .iter()
+        .rev()
+        .map(|b| {
+            let mut m = Map::new();
+            if let Some(n) = b.name() {
+                m.insert("name".into(), json!(n));
+            }
+            m.insert("recording".into(), json!(b.recording()));
+            m.insert("persistent".into(), json!(b.persistent()));
+            m.insert("busy".into(), json!(b.busy()));
+            m.insert("granularity".into(), json!(b.granularity()));
+            m.insert("count".into(), json!(b.dirty_bytes()));
+            if b.inconsistent() {
+                m.insert("inconsistent".into(), json!(true));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    Some(Value::Array(list))
+}
+
+/// Runs a bitmap command outside a transaction: the change is final at once.
+pub fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> QmpResult<Value> {
+    let undo = match command {
+        "block-dirty-bitmap-add" => add(ctl, args)?,
+        "block-dirty-bitmap-remove" => remove(ctl, args)?,
+        "block-dirty-bitmap-clear" => clear(ctl, args)?,
+        "block-dirty-bitmap-enable" => set_recording(ctl, args, true)?,
+        "block-dirty-bitmap-disable" => set_recording(ctl, args, false)?,
+        "block-dirty-bitmap-merge" => merge(ctl, args)?,
+        other => return Err(QmpError::command_not_found(other)),
+    };
+    undo.commit();
+    Ok(json!({}))
+}

@@ -1,0 +1,364 @@
+//! Dirty bitmaps against qemu-storage-daemon: the same commands, guest writes (qemu-io over an
+//! NBD export) and transactions on both; every reply, error text, event and the bitmaps'
+//! contents (x-debug-block-dirty-bitmap-sha256, `nbdinfo --map=qemu:dirty-bitmap:…`) must be
+//! identical.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{qemu_img, Daemon};
+use serde_json::{json, Value};
+
+enum Step {
+    /// A QMP command.
+    Qmp(Value),
+    /// qemu-io commands on the writable export `d`.
+    Io(&'static str),
+    /// `nbdinfo --map=<context>` of export `export`.
+    Map(&'static str, &'static str),
+    /// The `dirty-bitmaps` of every node, from query-named-block-nodes (the rest of the
+    /// answer, such as image sizes, is compared elsewhere and differs with allocation).
+    Query,
+}
+
+fn c(name: &str, args: Value) -> Step {
+    Step::Qmp(json!({"execute": name, "arguments": args}))
+}
+
+fn bm(cmd: &str, node: &str, name: &str) -> Step {
+    c(cmd, json!({"node": node, "name": name}))
+}
+
+fn sha(node: &str, name: &str) -> Step {
+    bm("x-debug-block-dirty-bitmap-sha256", node, name)
+}
+
+fn action(kind: &str, data: Value) -> Value {
+    json!({"type": kind, "data": data})
+}
+
+fn query() -> Step {
+    Step::Query
+}
+
+fn scenario() -> Vec<Step> {
+    let long = "x".repeat(1024);
+    let add = "block-dirty-bitmap-add";
+    vec![
+        c(add, json!({"node": "nope", "name": "b0"})),
+        c(add, json!({"node": "nope", "name": ""})),
+        bm("block-dirty-bitmap-remove", "nope", "b0"),
+        bm("block-dirty-bitmap-clear", "nope", "b0"),
+        bm("block-dirty-bitmap-enable", "nope", "b0"),
+        bm("block-dirty-bitmap-disable", "nope", "b0"),
+        c(add, json!({"node": "d", "name": "b0"})),
+        c(add, json!({"node": "d", "name": "b0"})),
+        c(add, json!({"node": "d", "name": ""})),
+        c(add, json!({"node": "d", "name": long})),
+        c(add, json!({"node": "d", "name": &long[..1023]})),
+        bm("block-dirty-bitmap-remove", "d", &long[..1023]),
+        c(add, json!({"node": "d", "name": "g", "granularity": 256})),
+        c(add, json!({"node": "d", "name": "g", "granularity": 3000})),
+        c(
+            add,
+            json!({"node": "d", "name": "g", "granularity": 4294967296u64}),
+        ),
+        c(add, json!({"node": "d", "name": "g", "granularity": -512})),
+        c(
+            add,
+            json!({"node": "d", "name": "b1", "granularity": 4096, "disabled": true}),
+        ),
+        c(add, json!({"node": "w", "name": "wb"})),
+        c(add, json!({"node": "r", "name": "rb"})),
+        c(add, json!({"node": "r", "name": "pb", "persistent": true})),
+        c(add, json!({"node": "w", "name": "pb", "persistent": true})),
+        c(
+            add,
+            json!({"node": "d", "name": "b2", "granularity": 1073741824}),
+        ),
+        query(),
+        Step::Io("write -P 1 0 64k; write -P 2 1M 4k; write -z 8M 4k; discard 12M 64k"),
+        sha("d", "b0"),
+        sha("d", "b1"),
+        sha("d", "b2"),
+        sha("d", "nope"),
+        sha("nope", "b0"),
+        query(),
+        bm("block-dirty-bitmap-disable", "d", "b0"),
+        bm("block-dirty-bitmap-disable", "d", "b0"),
+        bm("block-dirty-bitmap-enable", "d", "b1"),
+        bm("block-dirty-bitmap-enable", "d", "nope"),
+        Step::Io("write -P 3 2M 512; write -P 4 15M 1M"),
+        sha("d", "b0"),
+        sha("d", "b1"),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": ["b1"]}),
+        ),
+        sha("d", "b0"),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": [{"node": "w", "name": "wb"}]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": [{"node": "r", "name": "rb"}]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "nope", "bitmaps": ["b1"]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": ["b1", "nope"]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": [{"node": "nope", "name": "b1"}]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "w", "target": "wb", "bitmaps": [{"node": "d", "name": "b2"}]}),
+        ),
+        sha("w", "wb"),
+        bm("block-dirty-bitmap-clear", "d", "b1"),
+        sha("d", "b1"),
+        bm("block-dirty-bitmap-remove", "d", "b1"),
+        bm("block-dirty-bitmap-remove", "d", "b1"),
+        bm("block-dirty-bitmap-clear", "d", "nope"),
+        // An exported bitmap is busy.
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e2", "node-name": "d", "name": "e2", "bitmaps": ["b0"]}),
+        ),
+        Step::Map("e2", "qemu:dirty-bitmap:b0"),
+        bm("block-dirty-bitmap-enable", "d", "b0"),
+        bm("block-dirty-bitmap-clear", "d", "b0"),
+        bm("block-dirty-bitmap-remove", "d", "b0"),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b0", "bitmaps": ["b2"]}),
+        ),
+        c(
+            "block-dirty-bitmap-merge",
+            json!({"node": "d", "target": "b2", "bitmaps": ["b0"]}),
+        ),
+        query(),
+        // A read-only export refuses a recording bitmap; a writable one takes it.
+        c(add, json!({"node": "d", "name": "c"})),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "e3", "bitmaps": ["c"]}),
+        ),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "e3", "writable": true,
+                   "bitmaps": ["c", {"node": "w", "name": "wb"}]}),
+        ),
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "e3", "writable": true,
+                   "bitmaps": ["c"]}),
+        ),
+        Step::Io("write -P 5 4M 70k"),
+        Step::Map("e3", "qemu:dirty-bitmap:c"),
+        c("block-export-del", json!({"id": "e3"})),
+        c("block-export-del", json!({"id": "e2"})),
+        bm("block-dirty-bitmap-remove", "d", "b0"),
+        // Transactions: all or nothing.
+        c(
+            "transaction",
+            json!({"actions": [
+                action(add, json!({"node": "d", "name": "t1"})),
+                action(add, json!({"node": "d", "name": "t1"})),
+            ]}),
+        ),
+        sha("d", "t1"),
+        sha("d", "c"),
+        c(
+            "transaction",
+            json!({"actions": [
+                action("block-dirty-bitmap-clear", json!({"node": "d", "name": "c"})),
+                action("block-dirty-bitmap-disable", json!({"node": "d", "name": "c"})),
+                action(add, json!({"node": "d", "name": "t2"})),
+                action("block-dirty-bitmap-merge",
+                       json!({"node": "d", "target": "t2", "bitmaps": ["b2"]})),
+                action("block-dirty-bitmap-remove", json!({"node": "d", "name": "b2"})),
+                action("abort", json!({})),
+            ]}),
+        ),
+        sha("d", "c"),
+        sha("d", "b2"),
+        query(),
+        c(
+            "transaction",
+            json!({"actions": [action(add, json!({"node": "d", "name": "t3"}))],
+                   "properties": {"completion-mode": "grouped"}}),
+        ),
+        c(
+            "transaction",
+            json!({"actions": [action("abort", json!({}))],
+                   "properties": {"completion-mode": "grouped"}}),
+        ),
+        c("transaction", json!({"actions": []})),
+        c(
+            "transaction",
+            json!({"actions": [action("nope", json!({}))]}),
+        ),
+        c(
+            "transaction",
+            json!({"actions": [
+                action(add, json!({"node": "d", "name": "t2", "granularity": 8192})),
+                action("block-dirty-bitmap-merge",
+                       json!({"node": "d", "target": "t2", "bitmaps": ["c", "b2"]})),
+                action("block-dirty-bitmap-clear", json!({"node": "d", "name": "c"})),
+                action("block-dirty-bitmap-disable", json!({"node": "d", "name": "t2"})),
+                action("block-dirty-bitmap-remove", json!({"node": "d", "name": "b2"})),
+            ]}),
+        ),
+        sha("d", "t2"),
+        sha("d", "c"),
+        Step::Io("write -P 6 5M 4k"),
+        sha("d", "t2"),
+        sha("d", "c"),
+        query(),
+        c("blockdev-del", json!({"node-name": "w"})),
+        query(),
+    ]
+}
+
+fn run(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    qemu_img(&["create", "-f", "qcow2", "a.qcow2", "16M"], dir.path());
+    qemu_img(&["create", "-f", "raw", "b.raw", "1M"], dir.path());
+    qemu_img(&["create", "-f", "raw", "c.raw", "16M"], dir.path());
+    let opts: Vec<String> = [
+        "--blockdev",
+        "driver=file,filename=a.qcow2,node-name=fa",
+        "--blockdev",
+        "driver=qcow2,file=fa,node-name=d",
+        "--blockdev",
+        "driver=file,filename=b.raw,node-name=r,read-only=on",
+        "--blockdev",
+        "driver=file,filename=c.raw,node-name=w",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--export",
+        "type=nbd,id=ex,node-name=d,name=d,writable=on",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let d = Daemon::start(program, &opts, dir);
+    let sock = d.path("nbd.sock");
+    let mut client = d.client();
+    let mut out = Vec::new();
+    for step in scenario() {
+        match step {
+            Step::Qmp(request) => {
+                client.send(&request);
+                loop {
+                    let v = client.read().expect("reply");
+                    if let Some(e) = v.get("event") {
+                        out.push(format!("  event {e} {}", v["data"]));
+                        continue;
+                    }
+                    let mut shown = request.to_string();
+                    if shown.len() > 200 {
+                        shown.truncate(200);
+                    }
+                    out.push(format!("{shown} -> {}", canon(&v)));
+                    break;
+                }
+            }
+            Step::Io(cmds) => {
+                let uri = format!("nbd+unix:///d?socket={}", sock.display());
+                let mut args = vec!["-f".to_owned(), "raw".to_owned()];
+                for cmd in cmds.split("; ") {
+                    args.push("-c".into());
+                    args.push(cmd.into());
+                }
+                args.push(uri);
+                let st = Command::new("qemu-io")
+                    .args(&args)
+                    .output()
+                    .expect("qemu-io");
+                assert!(st.status.success(), "qemu-io {cmds}: {st:?}");
+                out.push(format!("io {cmds}"));
+            }
+            Step::Query => {
+                let nodes = client.cmd("query-named-block-nodes", json!({"flat": true}));
+                for n in nodes["return"].as_array().expect("nodes") {
+                    out.push(format!(
+                        "query {}: {}",
+                        n["node-name"],
+                        canon(n.get("dirty-bitmaps").unwrap_or(&Value::Null))
+                    ));
+                }
+            }
+            Step::Map(export, context) => {
+                out.push(format!(
+                    "map {export} {context}:\n{}",
+                    nbdinfo_map(&sock, export, context)
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// JSON with object members sorted, so that member order does not matter.
+fn canon(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let sorted: std::collections::BTreeMap<&String, String> =
+                m.iter().map(|(k, v)| (k, canon(v))).collect();
+            let parts: Vec<String> = sorted
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::String((*k).clone())))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canon).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+fn nbdinfo_map(sock: &Path, export: &str, context: &str) -> String {
+    let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
+    let o = Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(uri)
+        .output()
+        .expect("nbdinfo");
+    assert!(o.status.success(), "nbdinfo: {o:?}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn bitmap_commands_and_transactions_answer_as_qemu_storage_daemon() {
+    let theirs = run(Path::new("qemu-storage-daemon"));
+    let ours = run(&common::blockjobd());
+    let diff: Vec<String> = ours
+        .iter()
+        .zip(theirs.iter())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("ours: {a}\nqsd:  {b}"))
+        .collect();
+    assert!(
+        diff.is_empty() && ours.len() == theirs.len(),
+        "\n{}\n\nqsd transcript:\n{}",
+        diff.join("\n\n"),
+        theirs.join("\n")
+    );
+}
+
+/// Prints qemu-storage-daemon's transcript of the scenario, for writing new steps:
+/// `cargo test -p daemon --test bitmaps print_qsd -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_qsd() {
+    println!("{}", run(Path::new("qemu-storage-daemon")).join("\n"));
+}
