@@ -30,6 +30,8 @@ pub struct Control {
     pub events: broadcast::Sender<qmp::Event>,
     /// The NBD server and the block exports.
     pub exports: Exports,
+    /// Every job.
+    pub jobs: job::JobManager,
 }
 
 /// A command on its way to the control loop.
@@ -62,6 +64,7 @@ impl Control {
         events: broadcast::Sender<qmp::Event>,
     ) -> Self {
         let exports = Exports::new(events.clone());
+        let jobs = job::JobManager::new(crate::jobs::event_sink(events.clone()));
         Control {
             nodes: Nodes::default(),
             schema,
@@ -69,11 +72,14 @@ impl Control {
             shutdown,
             events,
             exports,
+            jobs,
         }
     }
 
-    /// Ends every export and the NBD server, then closes every node (shutdown).
+    /// Cancels every job, ends every export and the NBD server, then closes every node
+    /// (shutdown).
     pub async fn close_all(&mut self) {
+        self.jobs.cancel_all().await;
         self.exports.shutdown().await;
         self.nodes.close_all().await;
     }

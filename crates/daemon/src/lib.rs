@@ -14,6 +14,7 @@ pub mod commands;
 pub mod control;
 pub mod exports;
 pub mod info;
+pub mod jobs;
 pub mod keyval;
 pub mod nodes;
 pub mod schema;

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{qemu_img, Daemon};
+use common::{canon, qemu_img, Daemon};
 use serde_json::{json, Value};
 
 enum Step {
@@ -307,23 +307,6 @@ fn run(program: &Path) -> Vec<String> {
         }
     }
     out
-}
-
-/// JSON with object members sorted, so that member order does not matter.
-fn canon(v: &Value) -> String {
-    match v {
-        Value::Object(m) => {
-            let sorted: std::collections::BTreeMap<&String, String> =
-                m.iter().map(|(k, v)| (k, canon(v))).collect();
-            let parts: Vec<String> = sorted
-                .iter()
-                .map(|(k, v)| format!("{}:{v}", Value::String((*k).clone())))
-                .collect();
-            format!("{{{}}}", parts.join(","))
-        }
-        Value::Array(a) => format!("[{}]", a.iter().map(canon).collect::<Vec<_>>().join(",")),
-        other => other.to_string(),
-    }
 }
 
 fn nbdinfo_map(sock: &Path, export: &str, context: &str) -> String {

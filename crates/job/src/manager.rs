@@ -548,6 +548,33 @@ impl JobManager {
         check(job, verb)
     }
 
+    /// Shutdown: force-cancels every job and waits (up to the cancel bound and a second) for
+    /// them to end; concluded jobs are dismissed.
+    pub async fn cancel_all(&self) {
+        let ids: Vec<(String, JobStatus)> = {
+            let st = self.lock().await;
+            st.jobs.iter().map(|j| (j.id.clone(), j.status)).collect()
+        };
+        for (id, status) in ids {
+            let _ = if status == JobStatus::Concluded {
+                self.dismiss(&id).await
+            } else {
+                self.cancel(&id, true).await
+            };
+        }
+        let deadline = Instant::now() + self.inner.cancel_bound + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let busy = {
+                let st = self.lock().await;
+                st.jobs.iter().any(|j| j.started && !j.run_done)
+            };
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// `job-pause`.
     pub async fn pause(&self, id: &str) -> Result<(), JobError> {
         let mut st = self.lock().await;

@@ -6,6 +6,7 @@ mod bitmap;
 mod blockdev_add;
 mod blockdev_del;
 mod export;
+mod job;
 mod query;
 mod query_named_block_nodes;
 mod transaction;
@@ -46,6 +47,19 @@ pub async fn execute(
         | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments),
         "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256(ctl, &arguments),
         "transaction" => transaction::run(ctl, &arguments),
+        "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
+        | "job-dismiss" => job::job_verb(ctl, command, &arguments).await,
+        "block-job-set-speed"
+        | "block-job-cancel"
+        | "block-job-pause"
+        | "block-job-resume"
+        | "block-job-complete"
+        | "block-job-dismiss"
+        | "block-job-finalize"
+        | "block-job-change" => job::block_job_verb(ctl, command, &arguments).await,
+        "query-jobs" => Ok(job::query_jobs(ctl).await),
+        "query-block-jobs" => Ok(job::query_block_jobs(ctl).await),
+        "blockdev-create" => job::blockdev_create(ctl, &arguments).await,
         "quit" => {
             ctl.shutdown.send_replace(true);
             Ok(json!({}))

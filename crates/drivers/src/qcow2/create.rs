@@ -63,9 +63,9 @@ impl CreateOptions {
     fn validate(&self) -> Result<()> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-            return Err(BlockError::invalid(format!(
-                "Cluster size must be a power of two between 512 and 2048k (got {cs})"
-            )));
+            return Err(BlockError::invalid(
+                "Cluster size must be a power of two between 512 and 2048k",
+            ));
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
             return Err(BlockError::invalid(
