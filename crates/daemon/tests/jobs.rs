@@ -219,3 +219,50 @@ fn create_jobs_and_verbs_answer_as_qemu_storage_daemon() {
 fn print_qsd() {
     println!("{}", run(Path::new("qemu-storage-daemon")).0.join("\n"));
 }
+
+/// Waits for JOB_STATUS_CHANGE events of `id` until `last`; returns the statuses seen.
+fn statuses_until(client: &mut Client, id: &str, last: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some(last) {
+        let v = client.read().expect("event");
+        if v["event"] == "JOB_STATUS_CHANGE" && v["data"]["id"] == id {
+            seen.push(v["data"]["status"].as_str().expect("status").to_owned());
+        }
+    }
+    seen
+}
+
+/// QEMU's create job cannot be paused or cancelled until it is done (it has no pause points);
+/// ours stops between 1 MiB steps of a full preallocation. The sequence is the contract's for
+/// a paused, resumed and cancelled job.
+#[test]
+fn a_slow_create_job_pauses_resumes_and_cancels() {
+    let d = Daemon::ours(&[]);
+    let mut c = d.client();
+    let r = c.cmd(
+        "blockdev-create",
+        json!({"job-id": "big", "options": {"driver": "file", "filename": "big.img",
+               "size": 1u64 << 30, "preallocation": "full"}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(c.cmd("job-pause", json!({"id": "big"})), json!({"return": {}}));
+    // (created and running came before the reply of blockdev-create.)
+    let seen = statuses_until(&mut c, "big", "paused");
+    assert_eq!(seen, ["paused"]);
+    let jobs = c.cmd("query-jobs", json!({}));
+    let done = jobs["return"][0]["current-progress"].as_u64().expect("progress");
+    assert_eq!(done, 0, "the step is counted when the file is complete");
+    assert_eq!(
+        c.cmd("job-pause", json!({"id": "big"}))["error"]["desc"],
+        "Job is already paused"
+    );
+    assert_eq!(c.cmd("job-resume", json!({"id": "big"})), json!({"return": {}}));
+    // (running came before the reply of job-resume, as in QEMU.)
+    assert_eq!(c.cmd("job-cancel", json!({"id": "big"})), json!({"return": {}}));
+    let seen = statuses_until(&mut c, "big", "concluded");
+    assert_eq!(seen, ["aborting", "concluded"]);
+    let jobs = c.cmd("query-jobs", json!({}));
+    assert_eq!(jobs["return"][0]["error"], "Operation canceled");
+    assert_eq!(c.cmd("job-dismiss", json!({"id": "big"})), json!({"return": {}}));
+    assert_eq!(c.cmd("query-jobs", json!({})), json!({"return": []}));
+}
