@@ -324,18 +324,7 @@ fn nbdinfo_map(sock: &Path, export: &str, context: &str) -> String {
 fn bitmap_commands_and_transactions_answer_as_qemu_storage_daemon() {
     let theirs = run(Path::new("qemu-storage-daemon"));
     let ours = run(&common::blockjobd());
-    let diff: Vec<String> = ours
-        .iter()
-        .zip(theirs.iter())
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("ours: {a}\nqsd:  {b}"))
-        .collect();
-    assert!(
-        diff.is_empty() && ours.len() == theirs.len(),
-        "\n{}\n\nqsd transcript:\n{}",
-        diff.join("\n\n"),
-        theirs.join("\n")
-    );
+    common::assert_same_transcript(&ours, &theirs);
 }
 
 /// Prints qemu-storage-daemon's transcript of the scenario, for writing new steps:

@@ -180,19 +180,7 @@ fn image_facts(path: &Path) -> Value {
 fn create_jobs_and_verbs_answer_as_qemu_storage_daemon() {
     let (theirs, their_dir) = run(Path::new("qemu-storage-daemon"));
     let (ours, our_dir) = run(&common::blockjobd());
-    let diff: Vec<String> = ours
-        .iter()
-        .zip(theirs.iter())
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("ours: {a}\nqsd:  {b}"))
-        .collect();
-    assert!(
-        diff.is_empty() && ours.len() == theirs.len(),
-        "\n{}\n\nqsd transcript:\n{}\n\nours:\n{}",
-        diff.join("\n\n"),
-        theirs.join("\n"),
-        ours.join("\n")
-    );
+    common::assert_same_transcript(&ours, &theirs);
     for name in ["a.qcow2", "x.img", "y.img"] {
         assert_eq!(
             image_facts(&our_dir.path().join(name)),
@@ -245,24 +233,38 @@ fn a_slow_create_job_pauses_resumes_and_cancels() {
                "size": 1u64 << 30, "preallocation": "full"}}),
     );
     assert_eq!(r, json!({"return": {}}));
-    assert_eq!(c.cmd("job-pause", json!({"id": "big"})), json!({"return": {}}));
+    assert_eq!(
+        c.cmd("job-pause", json!({"id": "big"})),
+        json!({"return": {}})
+    );
     // (created and running came before the reply of blockdev-create.)
     let seen = statuses_until(&mut c, "big", "paused");
     assert_eq!(seen, ["paused"]);
     let jobs = c.cmd("query-jobs", json!({}));
-    let done = jobs["return"][0]["current-progress"].as_u64().expect("progress");
+    let done = jobs["return"][0]["current-progress"]
+        .as_u64()
+        .expect("progress");
     assert_eq!(done, 0, "the step is counted when the file is complete");
     assert_eq!(
         c.cmd("job-pause", json!({"id": "big"}))["error"]["desc"],
         "Job is already paused"
     );
-    assert_eq!(c.cmd("job-resume", json!({"id": "big"})), json!({"return": {}}));
+    assert_eq!(
+        c.cmd("job-resume", json!({"id": "big"})),
+        json!({"return": {}})
+    );
     // (running came before the reply of job-resume, as in QEMU.)
-    assert_eq!(c.cmd("job-cancel", json!({"id": "big"})), json!({"return": {}}));
+    assert_eq!(
+        c.cmd("job-cancel", json!({"id": "big"})),
+        json!({"return": {}})
+    );
     let seen = statuses_until(&mut c, "big", "concluded");
     assert_eq!(seen, ["aborting", "concluded"]);
     let jobs = c.cmd("query-jobs", json!({}));
     assert_eq!(jobs["return"][0]["error"], "Operation canceled");
-    assert_eq!(c.cmd("job-dismiss", json!({"id": "big"})), json!({"return": {}}));
+    assert_eq!(
+        c.cmd("job-dismiss", json!({"id": "big"})),
+        json!({"return": {}})
+    );
     assert_eq!(c.cmd("query-jobs", json!({})), json!({"return": []}));
 }

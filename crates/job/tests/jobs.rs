@@ -217,6 +217,14 @@ fn manual(id: &str) -> JobOptions {
     }
 }
 
+/// `opts` as a member of transaction `txn`.
+fn member(txn: job::TxnId, opts: JobOptions) -> JobOptions {
+    JobOptions {
+        txn: Some(txn),
+        ..opts
+    }
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| (*x).to_owned()).collect()
 }
@@ -584,24 +592,10 @@ async fn job_in(status: JobStatus) -> World {
         JobStatus::Waiting => {
             // Done, but its transaction partner is not.
             let txn = w.mgr.new_txn().await;
-            w.add(
-                f,
-                JobOptions {
-                    txn: Some(txn),
-                    ..manual("j")
-                },
-            )
-            .await;
+            w.add(f, member(txn, manual("j"))).await;
             let mut other = w.fake(1);
             other.go = Arc::new(Semaphore::new(0));
-            w.add(
-                other,
-                JobOptions {
-                    txn: Some(txn),
-                    ..manual("k")
-                },
-            )
-            .await;
+            w.add(other, member(txn, manual("k"))).await;
             w.mgr.start("j").await.expect("start");
             w.mgr.start("k").await.expect("start");
             w.go.add_permits(1);
@@ -620,25 +614,11 @@ async fn job_in(status: JobStatus) -> World {
             // Failed; its partner ignores the cancel until released.
             let txn = w.mgr.new_txn().await;
             f.fail = true;
-            w.add(
-                f,
-                JobOptions {
-                    txn: Some(txn),
-                    ..manual("j")
-                },
-            )
-            .await;
+            w.add(f, member(txn, manual("j"))).await;
             let mut other = w.fake(1);
             other.stubborn = true;
             other.go = Arc::new(Semaphore::new(0));
-            w.add(
-                other,
-                JobOptions {
-                    txn: Some(txn),
-                    ..manual("k")
-                },
-            )
-            .await;
+            w.add(other, member(txn, manual("k"))).await;
             w.mgr.start("j").await.expect("start");
             w.mgr.start("k").await.expect("start");
             w.go.add_permits(1);
@@ -705,22 +685,8 @@ async fn grouped_pair_one_fails_the_other_is_cancelled_even_when_done() {
         a.go = ga.clone();
         let mut b = w.fake(1);
         b.go = gb.clone();
-        w.add(
-            a,
-            JobOptions {
-                txn: Some(txn),
-                ..block("a")
-            },
-        )
-        .await;
-        w.add(
-            b,
-            JobOptions {
-                txn: Some(txn),
-                ..block("b")
-            },
-        )
-        .await;
+        w.add(a, member(txn, block("a"))).await;
+        w.add(b, member(txn, block("b"))).await;
         w.mgr.start("a").await.expect("start");
         w.mgr.start("b").await.expect("start");
         // Let both reach their first step.
@@ -758,22 +724,8 @@ async fn grouped_pair_nobody_is_pending_until_all_are_waiting_and_one_finalize_d
     a.go = ga.clone();
     let mut b = w.fake(1);
     b.go = gb.clone();
-    w.add(
-        a,
-        JobOptions {
-            txn: Some(txn),
-            ..manual("a")
-        },
-    )
-    .await;
-    w.add(
-        b,
-        JobOptions {
-            txn: Some(txn),
-            ..manual("b")
-        },
-    )
-    .await;
+    w.add(a, member(txn, manual("a"))).await;
+    w.add(b, member(txn, manual("b"))).await;
     w.mgr.start("a").await.expect("start");
     w.mgr.start("b").await.expect("start");
     ga.add_permits(1);
@@ -804,22 +756,8 @@ async fn grouped_pair_cancel_races_a_failure() {
         let ga = Arc::new(Semaphore::new(0));
         a.go = ga.clone();
         let b = w.fake(1000);
-        w.add(
-            a,
-            JobOptions {
-                txn: Some(txn),
-                ..block("a")
-            },
-        )
-        .await;
-        w.add(
-            b,
-            JobOptions {
-                txn: Some(txn),
-                ..block("b")
-            },
-        )
-        .await;
+        w.add(a, member(txn, block("a"))).await;
+        w.add(b, member(txn, block("b"))).await;
         w.mgr.start("a").await.expect("start");
         w.mgr.start("b").await.expect("start");
         let mgr = w.mgr.clone();

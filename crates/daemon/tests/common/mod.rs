@@ -218,3 +218,21 @@ pub fn canon(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// Asserts two transcripts (ours, qemu-storage-daemon's) are the same, showing the lines that
+/// differ and both transcripts when they are not.
+pub fn assert_same_transcript(ours: &[String], theirs: &[String]) {
+    let diff: Vec<String> = ours
+        .iter()
+        .zip(theirs.iter())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("ours: {a}\nqsd:  {b}"))
+        .collect();
+    assert!(
+        diff.is_empty() && ours.len() == theirs.len(),
+        "\n{}\n\nqsd transcript:\n{}\n\nours:\n{}",
+        diff.join("\n\n"),
+        theirs.join("\n"),
+        ours.join("\n")
+    );
+}
