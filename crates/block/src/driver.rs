@@ -202,6 +202,26 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         }
     }
 
+    /// Whether the format stores persistent dirty bitmaps (qcow2).
+    fn stores_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// The persistent bitmaps stored in the image (at open).
+    async fn load_bitmaps(&self) -> Result<Vec<bitmap::DirtyBitmap>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes persistent bitmap `name` from the image (block-dirty-bitmap-remove).
+    async fn remove_stored_bitmap(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stores `bitmaps` as the image's persistent bitmaps, replacing those stored (at close).
+    async fn store_bitmaps(&self, _bitmaps: &[bitmap::DirtyBitmap]) -> Result<()> {
+        Ok(())
+    }
+
     /// The compressed-write capability, when the format has one.
     fn as_compressed_writer(&self) -> Option<&dyn CompressedWrite> {
         None

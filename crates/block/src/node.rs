@@ -416,10 +416,29 @@ impl BlockNode {
         self.block_status_entered(offset, len).await
     }
 
-    /// Flushes and closes the driver; waits for requests in flight first.
+    /// Loads the persistent bitmaps stored in the image into the node's bitmaps.
+    pub async fn load_persistent_bitmaps(&self) -> Result<()> {
+        let stored = self.driver.load_bitmaps().await?;
+        lock(&self.bitmaps).extend(stored);
+        Ok(())
+    }
+
+    /// Stores the persistent bitmaps, then flushes and closes the driver; waits for requests
+    /// in flight first.
     pub async fn close(&self) -> Result<()> {
         let _drained = self.gate.drain().await;
-        self.driver.close().await
+        let persistent: Vec<DirtyBitmap> = lock(&self.bitmaps)
+            .iter()
+            .filter(|b| b.persistent())
+            .cloned()
+            .collect();
+        let stored = if self.driver.stores_bitmaps() {
+            self.driver.store_bitmaps(&persistent).await
+        } else {
+            Ok(())
+        };
+        let closed = self.driver.close().await;
+        stored.and(closed)
     }
 
     async fn read_entered(&self, offset: u64, len: usize) -> Result<Bytes> {

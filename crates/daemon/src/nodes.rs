@@ -213,6 +213,13 @@ impl Nodes {
             };
             let node = BlockNode::new(name.clone(), opened.driver);
             node.set_discard_ignored(!own.discard_unmap);
+            if let Err(e) = node.load_persistent_bitmaps().await {
+                let _ = node.close().await;
+                return Err(QmpError::generic(format!(
+                    "Could not load the dirty bitmaps of '{name}': {}",
+                    error_text(&e)
+                )));
+            }
             self.seq += 1;
             self.entries.insert(
                 name.clone(),

@@ -334,3 +334,213 @@ fn bitmap_commands_and_transactions_answer_as_qemu_storage_daemon() {
 fn print_qsd() {
     println!("{}", run(Path::new("qemu-storage-daemon")).join("\n"));
 }
+
+/// The same commands on one image, through `program`; the transcript of replies.
+fn run_on_image(program: &Path, dir: &Path, image: &str, steps: &[Value]) -> Vec<String> {
+    let opts: Vec<String> = [
+        "--blockdev".to_owned(),
+        format!("driver=file,filename={image},node-name=f"),
+        "--blockdev".to_owned(),
+        "driver=qcow2,file=f,node-name=d".to_owned(),
+        "--nbd-server".to_owned(),
+        "addr.type=unix,addr.path=nbd.sock".to_owned(),
+        "--export".to_owned(),
+        "type=nbd,id=e,node-name=d,name=d,writable=on".to_owned(),
+    ]
+    .to_vec();
+    let scratch = tempfile::tempdir_in(dir).expect("tempdir");
+    let mut d = Daemon::start(program, &opts, scratch);
+    let mut client = d.client();
+    let mut out = Vec::new();
+    for step in steps {
+        if let Some(io) = step.get("io").and_then(Value::as_str) {
+            let uri = format!("nbd+unix:///d?socket={}", d.path("nbd.sock").display());
+            let st = Command::new("qemu-io")
+                .args(["-f", "raw", "-c", io, &uri])
+                .output()
+                .expect("qemu-io");
+            assert!(st.status.success(), "{st:?}");
+            continue;
+        }
+        let reply = client.cmd(
+            step["execute"].as_str().expect("command"),
+            step["arguments"].clone(),
+        );
+        out.push(format!("{step} -> {}", canon(&reply)));
+    }
+    let nodes = client.cmd("query-named-block-nodes", json!({"flat": true}));
+    for n in nodes["return"].as_array().expect("nodes") {
+        out.push(format!(
+            "{}: {}",
+            n["node-name"],
+            canon(n.get("dirty-bitmaps").unwrap_or(&Value::Null))
+        ));
+    }
+    // A clean exit stores the bitmaps (dropping the daemon would kill it).
+    client.send(&json!({"execute": "quit"}));
+    assert!(d.wait().success());
+    out
+}
+
+fn qemu_img_bitmaps(path: &Path) -> Value {
+    let o = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img");
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    v["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// Persistent bitmaps in qcow2, both directions: bitmaps qemu-img and QEMU wrote are loaded
+/// with the same bits; ours are stored so that qemu-img lists them and QEMU loads the same
+/// bits; qemu-img's offline changes are read back; a crash leaves them in use, and both
+/// daemons then treat them as inconsistent in the same way.
+#[test]
+fn persistent_bitmaps_interoperate_with_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |name: &str| dir.path().join(name);
+    qemu_img(&["create", "-f", "qcow2", "d.qcow2", "16M"], dir.path());
+    qemu_img(
+        &["bitmap", "--add", "--granularity", "64k", "d.qcow2", "b1"],
+        dir.path(),
+    );
+    let st = Command::new("qemu-io")
+        .current_dir(dir.path())
+        .args([
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "write -P 2 1M 4k",
+            "d.qcow2",
+        ])
+        .output()
+        .expect("qemu-io");
+    assert!(st.status.success(), "{st:?}");
+    std::fs::copy(p("d.qcow2"), p("q.qcow2")).expect("copy");
+
+    let steps = vec![
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b1"}}),
+        json!({"io": "write -P 3 4M 64k"}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b2", "persistent": true, "granularity": 4096}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b3", "persistent": true, "disabled": true}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b4", "persistent": true}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "t"}}),
+        json!({"io": "write -P 3 8M 4k"}),
+        json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "d", "name": "b4"}}),
+        json!({"execute": "block-dirty-bitmap-merge", "arguments": {"node": "d", "target": "b3", "bitmaps": ["b2"]}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b1"}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b2"}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
+    ];
+    let ours = run_on_image(
+        &common::blockjobd(),
+        dir.path(),
+        &p("d.qcow2").display().to_string(),
+        &steps,
+    );
+    let theirs = run_on_image(
+        Path::new("qemu-storage-daemon"),
+        dir.path(),
+        &p("q.qcow2").display().to_string(),
+        &steps,
+    );
+    common::assert_same_transcript(&ours, &theirs);
+    // Stored alike: qemu-img lists the same bitmaps with the same flags.
+    assert_eq!(
+        qemu_img_bitmaps(&p("d.qcow2")),
+        qemu_img_bitmaps(&p("q.qcow2"))
+    );
+    let (clean, report) = common::qemu_img_check(&p("d.qcow2"));
+    assert!(clean, "{report}");
+
+    // QEMU loads our bits; we load QEMU's.
+    let sums = vec![
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b1"}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b2"}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
+    ];
+    let qemu_reads_ours = run_on_image(
+        Path::new("qemu-storage-daemon"),
+        dir.path(),
+        &p("d.qcow2").display().to_string(),
+        &sums,
+    );
+    let we_read_qemus = run_on_image(
+        &common::blockjobd(),
+        dir.path(),
+        &p("q.qcow2").display().to_string(),
+        &sums,
+    );
+    common::assert_same_transcript(&we_read_qemus, &qemu_reads_ours);
+
+    // Offline changes by qemu-img are what we load.
+    for img in ["d.qcow2", "q.qcow2"] {
+        qemu_img(&["bitmap", "--remove", img, "b2"], dir.path());
+        qemu_img(&["bitmap", "--add", img, "b5"], dir.path());
+        qemu_img(&["bitmap", "--merge", "b1", img, "b5"], dir.path());
+        qemu_img(&["bitmap", "--disable", img, "b1"], dir.path());
+    }
+    let ours = run_on_image(
+        &common::blockjobd(),
+        dir.path(),
+        &p("d.qcow2").display().to_string(),
+        &sums,
+    );
+    let theirs = run_on_image(
+        Path::new("qemu-storage-daemon"),
+        dir.path(),
+        &p("q.qcow2").display().to_string(),
+        &sums,
+    );
+    common::assert_same_transcript(&ours, &theirs);
+
+    // A crash leaves the bitmaps in use; both daemons then load them as inconsistent.
+    for img in ["d.qcow2", "q.qcow2"] {
+        let d = Daemon::start(
+            &common::blockjobd(),
+            &[
+                "--blockdev".to_owned(),
+                format!("driver=file,filename={},node-name=f", p(img).display()),
+                "--blockdev".to_owned(),
+                "driver=qcow2,file=f,node-name=d".to_owned(),
+            ],
+            tempfile::tempdir_in(dir.path()).expect("tempdir"),
+        );
+        let _ = d.client();
+        d.signal(libc::SIGKILL);
+    }
+    let flags = &qemu_img_bitmaps(&p("d.qcow2"))[0]["flags"];
+    assert!(
+        flags.as_array().expect("flags").contains(&json!("in-use")),
+        "{flags}"
+    );
+    let after_crash = vec![
+        json!({"execute": "block-dirty-bitmap-clear", "arguments": {"node": "d", "name": "b1"}}),
+        json!({"execute": "block-dirty-bitmap-enable", "arguments": {"node": "d", "name": "b5"}}),
+        json!({"execute": "block-dirty-bitmap-merge", "arguments": {"node": "d", "target": "b3", "bitmaps": ["b5"]}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b1", "persistent": true}}),
+        json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "d", "name": "b1"}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b1", "persistent": true}}),
+    ];
+    let ours = run_on_image(
+        &common::blockjobd(),
+        dir.path(),
+        &p("d.qcow2").display().to_string(),
+        &after_crash,
+    );
+    let theirs = run_on_image(
+        Path::new("qemu-storage-daemon"),
+        dir.path(),
+        &p("q.qcow2").display().to_string(),
+        &after_crash,
+    );
+    common::assert_same_transcript(&ours, &theirs);
+    assert_eq!(
+        qemu_img_bitmaps(&p("d.qcow2")),
+        qemu_img_bitmaps(&p("q.qcow2"))
+    );
+    let (clean, report) = common::qemu_img_check(&p("d.qcow2"));
+    assert!(clean, "{report}");
+}

@@ -67,11 +67,31 @@ impl Undo {
         }
     }
 
-    /// Makes the change final.
-    pub fn commit(self) {
+    /// Makes the change final. A removed persistent bitmap leaves the image at once, as in
+    /// QEMU.
+    pub async fn commit(self) -> QmpResult<()> {
         if let Undo::Removing { node, name } = self {
-            node.bitmaps().retain(|b| b.name() != Some(&name));
+            let persistent = {
+                let mut bitmaps = node.bitmaps();
+                let persistent = bitmaps
+                    .iter()
+                    .any(|b| b.name() == Some(&name) && b.persistent());
+                bitmaps.retain(|b| b.name() != Some(&name));
+                persistent
+            };
+            if persistent {
+                node.driver()
+                    .remove_stored_bitmap(&name)
+                    .await
+                    .map_err(|e| {
+                        QmpError::generic(format!(
+                            "Failed to remove bitmap '{name}' from the image: {}",
+                            crate::nodes::error_text(&e)
+                        ))
+                    })?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -164,16 +184,21 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
         }
         None => default_granularity(&node),
     };
-    if args.get("persistent").and_then(Value::as_bool) == Some(true) {
-        let why = if node.driver().driver_name() == "qcow2" {
-            "blockjobd cannot store bitmaps in qcow2 images yet"
+    let persistent = args.get("persistent").and_then(Value::as_bool) == Some(true);
+    if persistent {
+        let why = if !node.driver().stores_bitmaps() {
+            Some("Operation not supported")
+        } else if !node.driver().writable() {
+            Some("the node is read-only")
         } else {
-            "Operation not supported"
+            None
         };
-        return Err(QmpError::generic(format!(
-            "Can't store persistent bitmaps to {}: {why}",
-            node.name()
-        )));
+        if let Some(why) = why {
+            return Err(QmpError::generic(format!(
+                "Can't store persistent bitmaps to {}: {why}",
+                node.name()
+            )));
+        }
     }
     let mut bitmaps = node.bitmaps();
     if bitmaps.iter().any(|b| b.name() == Some(name)) {
@@ -187,6 +212,7 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     if args.get("disabled").and_then(Value::as_bool) == Some(true) {
         b.set_recording(false);
     }
+    b.set_persistent(persistent);
     bitmaps.push(b);
     drop(bitmaps);
     Ok(Undo::Added {
@@ -219,7 +245,7 @@ pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// `block-dirty-bitmap-enable` (`on`) and `-disable`.
 pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpResult<Undo> {
     let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
-    let was = use_bitmap(&node, name, Allow::NotBusy, |b| {
+    let was = use_bitmap(&node, name, Allow::Consistent, |b| {
         let was = b.recording();
         b.set_recording(on);
         was
@@ -326,7 +352,7 @@ pub fn dirty_info(node: &BlockNode) -> Option<Value> {
 }
 
 /// Runs a bitmap command outside a transaction: the change is final at once.
-pub fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> QmpResult<Value> {
+pub async fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> QmpResult<Value> {
     let undo = match command {
         "block-dirty-bitmap-add" => add(ctl, args)?,
         "block-dirty-bitmap-remove" => remove(ctl, args)?,
@@ -336,6 +362,6 @@ pub fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> QmpResult
         "block-dirty-bitmap-merge" => merge(ctl, args)?,
         other => return Err(QmpError::command_not_found(other)),
     };
-    undo.commit();
+    undo.commit().await?;
     Ok(json!({}))
 }

@@ -44,9 +44,9 @@ pub async fn execute(
         | "block-dirty-bitmap-clear"
         | "block-dirty-bitmap-enable"
         | "block-dirty-bitmap-disable"
-        | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments),
+        | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments).await,
         "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256(ctl, &arguments),
-        "transaction" => transaction::run(ctl, &arguments),
+        "transaction" => transaction::run(ctl, &arguments).await,
         "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
         | "job-dismiss" => job::job_verb(ctl, command, &arguments).await,
         "block-job-set-speed"

@@ -30,7 +30,7 @@ fn apply(ctl: &Control, kind: &str, data: &Map<String, Value>, grouped: bool) ->
 }
 
 /// Runs the transaction.
-pub fn run(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
+pub async fn run(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
     let grouped = args
         .get("properties")
         .and_then(|p| p.get("completion-mode"))
@@ -60,7 +60,7 @@ pub fn run(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
         }
     }
     for undo in done {
-        undo.commit();
+        undo.commit().await?;
     }
     Ok(json!({}))
 }

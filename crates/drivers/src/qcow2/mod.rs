@@ -11,9 +11,10 @@
 //! zero clusters, compressed clusters (zlib and zstd, read and written), internal snapshots
 //! kept intact (shared clusters are copied on write), the lazy-refcounts dirty bit repaired on
 //! open. Refused with a clear error: encryption, external data files, extended L2 entries,
-//! unknown incompatible features; writing to images with persistent bitmaps (until the bitmaps
-//! extension lands) or marked corrupt.
+//! unknown incompatible features; writing to images marked corrupt. Persistent dirty bitmaps are
+//! loaded at open and stored at close (bitmaps.rs).
 
+mod bitmaps;
 mod compress;
 pub mod create;
 mod entry;
@@ -51,6 +52,8 @@ pub struct Qcow2Driver {
     writable: bool,
     header_snapshot: Header,
     zero_cluster: Bytes,
+    /// The bitmap directory as stored (loaded with the bitmaps, replaced when they are stored).
+    stored_bitmaps: Mutex<Vec<bitmaps::DirEntry>>,
 }
 
 /// Reads and checks the header of the qcow2 image in `file`.
@@ -93,11 +96,6 @@ impl Qcow2Driver {
         }
         let has_bitmaps =
             header.autoclear & autoclear::BITMAPS != 0 && header.has_extension(header::EXT_BITMAPS);
-        if writable && has_bitmaps {
-            return Err(BlockError::unsupported(
-                "qcow2 images with persistent dirty bitmaps can only be opened read-only for now",
-            ));
-        }
         let file_len = file.node().len();
         let mut meta = Meta::load(header.clone(), file.clone()).await?;
         if writable {
@@ -106,9 +104,12 @@ impl Qcow2Driver {
                 header = meta.header.clone();
                 header.incompatible &= !incompat::DIRTY;
             }
-            // A writer must clear the autoclear bits it does not maintain (qcow2.txt); images
-            // with bitmaps were refused above, so none of the remaining bits is maintained.
-            header.autoclear = 0;
+            // A writer must clear the autoclear bits it does not maintain (qcow2.txt); we
+            // maintain the bitmaps extension.
+            header.autoclear &= autoclear::BITMAPS;
+            if !has_bitmaps {
+                header.autoclear = 0;
+            }
             if header != meta.header {
                 let bytes = header.serialize()?;
                 file.write(0, IoVec::from(bytes), WriteFlags::default())
@@ -130,6 +131,7 @@ impl Qcow2Driver {
             writable,
             zero_cluster: Bytes::from(vec![0u8; 1 << cluster_bits]),
             header_snapshot: header,
+            stored_bitmaps: Mutex::new(Vec::new()),
         })
     }
 
@@ -192,6 +194,28 @@ impl BlockDriver for Qcow2Driver {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_range(offset, len).await
+    }
+
+    fn stores_bitmaps(&self) -> bool {
+        true
+    }
+
+    async fn load_bitmaps(&self) -> Result<Vec<bitmap::DirtyBitmap>> {
+        self.load_stored_bitmaps().await
+    }
+
+    async fn remove_stored_bitmap(&self, name: &str) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.remove_stored(name).await
+    }
+
+    async fn store_bitmaps(&self, bitmaps: &[bitmap::DirtyBitmap]) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        Qcow2Driver::store_bitmaps(self, bitmaps).await
     }
 
     async fn flush(&self) -> Result<()> {

@@ -1,5 +1,6 @@
 //! What the qcow2 fuzzers do with an input: open it as a qcow2 image read-only and read-write
-//! over an in-memory file, then read, query, write, zero, discard, flush and close. Errors are
+//! over an in-memory file, load its persistent bitmaps, then read, query, write, zero,
+//! discard, flush and close (which stores the bitmaps, one more among them). Errors are
 //! expected; panics, hangs and runaway allocations are the bugs. Shared by the cargo-fuzz
 //! target (fuzz/) and the short stable-Rust run in tests/qcow2_fuzz.rs.
 
@@ -23,6 +24,14 @@ pub async fn exercise(image: &[u8]) -> usize {
         };
         opened += 1;
         let node = BlockNode::new("fuzz", Arc::new(driver));
+        // Stored bitmaps are loaded (and, writable, marked in use); bad ones are an error.
+        let _ = node.load_persistent_bitmaps().await;
+        if writable {
+            if let Ok(mut b) = bitmap::DirtyBitmap::new(Some("fz".into()), node.len(), 65536) {
+                b.set_persistent(true);
+                node.bitmaps().push(b);
+            }
+        }
         let len = node.len().min(SPAN);
         let mut off = 0;
         while off < len {
