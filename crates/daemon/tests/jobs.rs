@@ -276,7 +276,7 @@ fn slow_create_statuses(program: &Path, shows_pause: bool) -> (Vec<String>, Valu
     let d = Daemon::start(program, &[], tempfile::tempdir().expect("tempdir"));
     let mut c = d.client();
     let mut seen = Vec::new();
-    let mut read = |c: &mut Client, seen: &mut Vec<String>| -> bool {
+    let read = |c: &mut Client, seen: &mut Vec<String>| -> bool {
         let v = c.read().expect("message");
         if v["event"] == "JOB_STATUS_CHANGE" {
             seen.push(v["data"]["status"].as_str().expect("status").to_owned());
