@@ -31,6 +31,7 @@ pub struct DirtyBitmap {
     busy: bool,
     persistent: bool,
     inconsistent: bool,
+    readonly: bool,
     /// Records writes while this bitmap is frozen for a job.
     successor: Option<Box<DirtyBitmap>>,
 }
@@ -63,6 +64,7 @@ impl DirtyBitmap {
             busy: false,
             persistent: false,
             inconsistent: false,
+            readonly: false,
             successor: None,
         })
     }
@@ -100,6 +102,16 @@ impl DirtyBitmap {
     /// Found marked in use in the image: its bits cannot be trusted.
     pub fn inconsistent(&self) -> bool {
         self.inconsistent
+    }
+
+    /// Loaded from an image opened read-only: its bits may not be changed by the user.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Marks it read-only (or not).
+    pub fn set_readonly(&mut self, readonly: bool) {
+        self.readonly = readonly;
     }
 
     /// Whether a successor records writes for it.

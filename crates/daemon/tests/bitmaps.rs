@@ -337,15 +337,31 @@ fn print_qsd() {
 
 /// The same commands on one image, through `program`; the transcript of replies.
 fn run_on_image(program: &Path, dir: &Path, image: &str, steps: &[Value]) -> Vec<String> {
+    run_on_image_opts(program, dir, image, steps, false)
+}
+
+/// [`run_on_image`], the image opened read-only (and exported read-only) when `read_only`.
+fn run_on_image_opts(
+    program: &Path,
+    dir: &Path,
+    image: &str,
+    steps: &[Value],
+    read_only: bool,
+) -> Vec<String> {
+    let (ro, writable) = if read_only {
+        (",read-only=on", "off")
+    } else {
+        ("", "on")
+    };
     let opts: Vec<String> = [
         "--blockdev".to_owned(),
-        format!("driver=file,filename={image},node-name=f"),
+        format!("driver=file,filename={image},node-name=f{ro}"),
         "--blockdev".to_owned(),
-        "driver=qcow2,file=f,node-name=d".to_owned(),
+        format!("driver=qcow2,file=f,node-name=d{ro}"),
         "--nbd-server".to_owned(),
         "addr.type=unix,addr.path=nbd.sock".to_owned(),
         "--export".to_owned(),
-        "type=nbd,id=e,node-name=d,name=d,writable=on".to_owned(),
+        format!("type=nbd,id=e,node-name=d,name=d,writable={writable}"),
     ]
     .to_vec();
     let scratch = tempfile::tempdir_in(dir).expect("tempdir");
@@ -543,4 +559,35 @@ fn persistent_bitmaps_interoperate_with_qemu() {
     );
     let (clean, report) = common::qemu_img_check(&p("d.qcow2"));
     assert!(clean, "{report}");
+
+    // Opened read-only, stored bitmaps are read-only: they can be used, not changed.
+    let read_only = vec![
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
+        json!({"execute": "block-dirty-bitmap-clear", "arguments": {"node": "d", "name": "b3"}}),
+        json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "d", "name": "b3"}}),
+        json!({"execute": "block-dirty-bitmap-disable", "arguments": {"node": "d", "name": "b3"}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "m"}}),
+        json!({"execute": "block-dirty-bitmap-merge", "arguments": {"node": "d", "target": "m", "bitmaps": ["b3"]}}),
+        json!({"execute": "block-dirty-bitmap-merge", "arguments": {"node": "d", "target": "b3", "bitmaps": ["m"]}}),
+        json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "m"}}),
+    ];
+    let ours = run_on_image_opts(
+        &common::blockjobd(),
+        dir.path(),
+        &p("d.qcow2").display().to_string(),
+        &read_only,
+        true,
+    );
+    let theirs = run_on_image_opts(
+        Path::new("qemu-storage-daemon"),
+        dir.path(),
+        &p("q.qcow2").display().to_string(),
+        &read_only,
+        true,
+    );
+    common::assert_same_transcript(&ours, &theirs);
+    assert_eq!(
+        qemu_img_bitmaps(&p("d.qcow2")),
+        qemu_img_bitmaps(&p("q.qcow2"))
+    );
 }

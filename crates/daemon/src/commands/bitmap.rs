@@ -129,13 +129,16 @@ fn busy(name: &str) -> QmpError {
     ))
 }
 
-/// What a command may do with a bitmap in a given state (QEMU's bitmap checks).
+/// What a command may do with a bitmap in a given state (QEMU's bitmap checks, in its order:
+/// busy, read-only, inconsistent).
 #[derive(Clone, Copy)]
 enum Allow {
-    /// Not busy, not inconsistent.
-    Consistent,
-    /// Not busy (removal works on inconsistent bitmaps).
-    NotBusy,
+    /// Changes the bits: not busy, not read-only, not inconsistent (clear, merge target).
+    Modify,
+    /// Not busy, not inconsistent (enable, disable, merge source).
+    Use,
+    /// Not busy, not read-only (remove works on inconsistent bitmaps).
+    Remove,
 }
 
 /// Runs `f` on bitmap `name` of `node` after checking it may be used as `allow` says.
@@ -153,7 +156,12 @@ fn use_bitmap<T>(
     if b.busy() {
         return Err(busy(name));
     }
-    if matches!(allow, Allow::Consistent) && b.inconsistent() {
+    if matches!(allow, Allow::Modify | Allow::Remove) && b.readonly() {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{name}' is readonly and cannot be modified"
+        )));
+    }
+    if matches!(allow, Allow::Modify | Allow::Use) && b.inconsistent() {
         return Err(QmpError::generic(format!(
             "Bitmap '{name}' is inconsistent and cannot be used"
         )));
@@ -224,7 +232,7 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// `block-dirty-bitmap-remove`: the bitmap is marked busy until the change commits.
 pub fn remove(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
-    use_bitmap(&node, name, Allow::NotBusy, |b| b.set_busy(true))?;
+    use_bitmap(&node, name, Allow::Remove, |b| b.set_busy(true))?;
     Ok(Undo::Removing {
         node,
         name: name.to_owned(),
@@ -234,7 +242,7 @@ pub fn remove(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// `block-dirty-bitmap-clear`.
 pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
-    let bits = use_bitmap(&node, name, Allow::Consistent, DirtyBitmap::clear)?;
+    let bits = use_bitmap(&node, name, Allow::Modify, DirtyBitmap::clear)?;
     Ok(Undo::Bits {
         node,
         name: name.to_owned(),
@@ -245,7 +253,7 @@ pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// `block-dirty-bitmap-enable` (`on`) and `-disable`.
 pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpResult<Undo> {
     let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
-    let was = use_bitmap(&node, name, Allow::Consistent, |b| {
+    let was = use_bitmap(&node, name, Allow::Use, |b| {
         let was = b.recording();
         b.set_recording(on);
         was
@@ -261,7 +269,7 @@ pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpR
 pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     let node = node(ctl, s(args, "node"))?;
     let target = s(args, "target");
-    use_bitmap(&node, target, Allow::Consistent, |_| ())?;
+    use_bitmap(&node, target, Allow::Modify, |_| ())?;
     // Copy the sources first: a source may live on the target's node (one lock at a time).
     let mut sources = Vec::new();
     for src in args
@@ -277,11 +285,9 @@ pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
                 other.get("name").and_then(Value::as_str).unwrap_or(""),
             ),
         };
-        sources.push(use_bitmap(&src_node, src_name, Allow::Consistent, |b| {
-            b.clone()
-        })?);
+        sources.push(use_bitmap(&src_node, src_name, Allow::Use, |b| b.clone())?);
     }
-    let mut merged = use_bitmap(&node, target, Allow::Consistent, |b| b.clone())?;
+    let mut merged = use_bitmap(&node, target, Allow::Modify, |b| b.clone())?;
     for src in &sources {
         if src.disk_size() != merged.disk_size() {
             return Err(QmpError::generic(format!(
@@ -295,7 +301,7 @@ pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
             .map_err(|e| QmpError::generic(e.to_string()))?;
     }
     let merged_bits = merged.bits().clone();
-    let bits = use_bitmap(&node, target, Allow::Consistent, |b| {
+    let bits = use_bitmap(&node, target, Allow::Modify, |b| {
         let old = b.clear();
         b.restore(merged_bits);
         old

@@ -193,6 +193,7 @@ impl Qcow2Driver {
             let mut b = DirtyBitmap::new(Some(e.name.clone()), self.size, granularity)
                 .map_err(|err| corrupt(format!("bitmap '{}': {err}", e.name)))?;
             b.set_persistent(true);
+            b.set_readonly(!self.writable);
             b.set_recording(e.flags & AUTO != 0);
             if e.flags & IN_USE != 0 {
                 b.set_inconsistent(true);
