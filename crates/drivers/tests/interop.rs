@@ -368,3 +368,29 @@ async fn internal_snapshots_stay_intact() {
     qemu_read_pattern(&img, "qcow2", 0x01, 0, 2 << 20);
     check_clean(&img);
 }
+
+/// A writer that does not load an image's persistent bitmaps (the offline tool) cannot keep
+/// them up to date: they are marked in use when it opens the image and stay so, and QEMU then
+/// treats them as inconsistent instead of trusting stale bits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmaps_nobody_loaded_are_left_in_use() {
+    let dir = tmp();
+    let img = p(&dir, "b.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let node = open_rw(&img).await;
+    node.write(0, IoVec::from(vec![1u8; 4096]), WriteFlags::default())
+        .await
+        .expect("write");
+    node.close().await.expect("close");
+    check_clean(&img);
+    let info = qemu_ok("qemu-img", &["info", "--output=json", s(&img)]);
+    let v: serde_json::Value = serde_json::from_str(&info).expect("json");
+    let flags = &v["format-specific"]["data"]["bitmaps"][0]["flags"];
+    assert!(
+        flags
+            .as_array()
+            .is_some_and(|f| f.contains(&serde_json::json!("in-use"))),
+        "{v}"
+    );
+}

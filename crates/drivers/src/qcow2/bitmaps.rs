@@ -182,10 +182,48 @@ impl Qcow2Driver {
         parse_directory(&buf, nb)
     }
 
-    /// Loads the stored bitmaps. In-use ones come back inconsistent, without their bits. On a
-    /// writable image every bitmap is marked in use until [`store_bitmaps`](Self::store_bitmaps).
+    /// At a writable open: reads the directory and marks every stored bitmap in use on disk
+    /// (keeping the flags it had in memory), so that nothing written from now on can leave a
+    /// bitmap that claims to be up to date when it is not, whether or not anyone loads them.
+    pub(crate) async fn mark_bitmaps_in_use(&self) -> Result<()> {
+        let dir = self.read_bitmap_directory().await?;
+        if dir.is_empty() {
+            return Ok(());
+        }
+        let mut in_use = dir.clone();
+        for e in &mut in_use {
+            e.flags |= IN_USE;
+        }
+        let (_, _, offset) = {
+            let header = self.meta.lock().await.header.clone();
+            let ext = header
+                .other_extensions
+                .iter()
+                .find(|e| e.kind == EXT_BITMAPS)
+                .map(|e| e.data.clone())
+                .unwrap_or_default();
+            parse_ext(&ext)?
+        };
+        self.file
+            .write(
+                offset,
+                IoVec::from(serialize_directory(&in_use)),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.file.flush().await?;
+        *self.stored_bitmaps.lock().await = dir;
+        Ok(())
+    }
+
+    /// Loads the stored bitmaps, as they were when the image was opened. In-use ones come
+    /// back inconsistent, without their bits.
     pub(crate) async fn load_stored_bitmaps(&self) -> Result<Vec<DirtyBitmap>> {
-        let mut dir = self.read_bitmap_directory().await?;
+        let dir = if self.writable {
+            self.stored_bitmaps.lock().await.clone()
+        } else {
+            self.read_bitmap_directory().await?
+        };
         let mut out = Vec::new();
         let bits_per_cluster = self.cs() * 8;
         for e in &dir {
@@ -229,30 +267,6 @@ impl Qcow2Driver {
             b.restore(bits);
             out.push(b);
         }
-        if self.writable && !dir.is_empty() {
-            for e in &mut dir {
-                e.flags |= IN_USE;
-            }
-            let (_, _, offset) = {
-                let header = self.meta.lock().await.header.clone();
-                let ext = header
-                    .other_extensions
-                    .iter()
-                    .find(|e| e.kind == EXT_BITMAPS)
-                    .map(|e| e.data.clone())
-                    .unwrap_or_default();
-                parse_ext(&ext)?
-            };
-            self.file
-                .write(
-                    offset,
-                    IoVec::from(serialize_directory(&dir)),
-                    WriteFlags::default(),
-                )
-                .await?;
-            self.file.flush().await?;
-        }
-        *self.stored_bitmaps.lock().await = dir;
         Ok(out)
     }
 
@@ -321,6 +335,15 @@ impl Qcow2Driver {
                 name,
                 extra: Vec::new(),
             });
+        }
+        // Stored bitmaps nobody loaded were not kept up to date: they stay, in use.
+        for e in &old {
+            if !kept.contains(&e.name) && !bitmaps.iter().any(|b| b.name() == Some(&e.name)) {
+                let mut e = e.clone();
+                e.flags |= IN_USE;
+                kept.insert(e.name.clone());
+                new_dir.push(e);
+            }
         }
         let freed: Vec<DirEntry> = old
             .into_iter()

@@ -119,7 +119,7 @@ impl Qcow2Driver {
             }
         }
         let cluster_bits = header.cluster_bits;
-        Ok(Qcow2Driver {
+        let driver = Qcow2Driver {
             file,
             backing,
             meta: Mutex::new(meta),
@@ -132,7 +132,11 @@ impl Qcow2Driver {
             zero_cluster: Bytes::from(vec![0u8; 1 << cluster_bits]),
             header_snapshot: header,
             stored_bitmaps: Mutex::new(Vec::new()),
-        })
+        };
+        if writable && has_bitmaps {
+            driver.mark_bitmaps_in_use().await?;
+        }
+        Ok(driver)
     }
 
     /// The header as of opening.
