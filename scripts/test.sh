@@ -22,6 +22,9 @@ fi
 
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install --quiet 'qemu.qmp>=0.0.3'
 
+# Link-time optimisation costs minutes per test binary on two cores and buys the tests nothing
+# (the benchmarks in bench/ build with it).
+export CARGO_PROFILE_RELEASE_LTO=off
 cargo build --release --bin blockjob --bin blockjobd
 # Interop tests drive the release binary and qemu-img; PROPTEST_CASES keeps CI time bounded.
 export PROPTEST_CASES="${PROPTEST_CASES:-48}"

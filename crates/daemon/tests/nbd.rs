@@ -537,10 +537,19 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
     });
     qemu_io(&target, &["read -P 0x55 1M 64k", "write -P 0x56 3M 4k"]);
     let qemu_nbd = restart.join().expect("restart");
-    assert_eq!(
-        c.cmd("block-export-del", json!({"id": "x"})),
-        json!({"return": {}})
-    );
+    // qemu-io has exited, but the server may not have seen its connection close yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.cmd("block-export-del", json!({"id": "x"}));
+        if r == json!({"return": {}}) {
+            break;
+        }
+        assert!(
+            r["error"]["desc"] == "export 'x' still in use" && std::time::Instant::now() < deadline,
+            "{r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         c.cmd("blockdev-del", json!({"node-name": "remote"})),
         json!({"return": {}})
