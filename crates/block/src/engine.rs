@@ -266,13 +266,9 @@ impl ThreadPoolEngine {
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let (reply, wait) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = reply.send(f());
-        });
+        let (job, wait) = with_reply(f);
         self.submit(job)?;
-        wait.await
-            .map_err(|_| io::Error::other("I/O worker vanished"))?
+        wait_reply(wait).await
     }
 
     /// Runs `f` on `lane` after the jobs queued there before it and returns its result.
@@ -281,10 +277,7 @@ impl ThreadPoolEngine {
         lane: &Arc<Lane>,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let (reply, wait) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = reply.send(f());
-        });
+        let (job, wait) = with_reply(f);
         let start = {
             let mut st = lane.lock();
             st.jobs.push_back(job);
@@ -299,8 +292,7 @@ impl ThreadPoolEngine {
                 return Err(e);
             }
         }
-        wait.await
-            .map_err(|_| io::Error::other("I/O worker vanished"))?
+        wait_reply(wait).await
     }
 }
 
@@ -418,6 +410,23 @@ impl IoEngine for ThreadPoolEngine {
         })
         .await
     }
+}
+
+/// `f` as a job that sends its result back, and where the result arrives.
+fn with_reply<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> (Job, oneshot::Receiver<io::Result<T>>) {
+    let (reply, wait) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = reply.send(f());
+    });
+    (job, wait)
+}
+
+/// The result of a job from [`with_reply`]; a job dropped unrun is an error.
+async fn wait_reply<T>(wait: oneshot::Receiver<io::Result<T>>) -> io::Result<T> {
+    wait.await
+        .map_err(|_| io::Error::other("I/O worker vanished"))?
 }
 
 /// `lseek` for data or holes, synchronously. ENXIO (nothing further) becomes `None`.

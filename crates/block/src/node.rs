@@ -255,6 +255,14 @@ impl BlockNode {
         lock(&self.bitmaps)
     }
 
+    /// Runs `f` on the bitmap named `name`, if the node has one.
+    pub fn with_bitmap<T>(&self, name: &str, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+        lock(&self.bitmaps)
+            .iter_mut()
+            .find(|b| b.name() == Some(name))
+            .map(f)
+    }
+
     fn mark_dirty_after(&self, offset: u64, len: u64) -> MarkDirty<'_> {
         MarkDirty {
             node: self,

@@ -95,9 +95,7 @@ impl ExportEntry {
     /// The export is gone: its bitmaps are free again.
     fn release(&self) {
         for (node, name) in &self.bitmaps {
-            if let Some(b) = node.bitmaps().iter_mut().find(|b| b.name() == Some(name)) {
-                b.set_busy(false);
-            }
+            node.with_bitmap(name, |b| b.set_busy(false));
         }
     }
 }

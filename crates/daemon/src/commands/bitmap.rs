@@ -39,30 +39,19 @@ pub enum Undo {
     },
 }
 
-fn with_bitmap<T>(
-    node: &BlockNode,
-    name: &str,
-    f: impl FnOnce(&mut DirtyBitmap) -> T,
-) -> Option<T> {
-    node.bitmaps()
-        .iter_mut()
-        .find(|b| b.name() == Some(name))
-        .map(f)
-}
-
 impl Undo {
     /// Takes the change back.
     pub fn undo(self) {
         match self {
             Undo::Added { node, name } => node.bitmaps().retain(|b| b.name() != Some(&name)),
             Undo::Removing { node, name } => {
-                with_bitmap(&node, &name, |b| b.set_busy(false));
+                node.with_bitmap(&name, |b| b.set_busy(false));
             }
             Undo::Bits { node, name, bits } => {
-                with_bitmap(&node, &name, |b| b.restore(bits));
+                node.with_bitmap(&name, |b| b.restore(bits));
             }
             Undo::Recording { node, name, was } => {
-                with_bitmap(&node, &name, |b| b.set_recording(was));
+                node.with_bitmap(&name, |b| b.set_recording(was));
             }
         }
     }
@@ -148,25 +137,23 @@ fn use_bitmap<T>(
     allow: Allow,
     f: impl FnOnce(&mut DirtyBitmap) -> T,
 ) -> QmpResult<T> {
-    let mut bitmaps = node.bitmaps();
-    let b = bitmaps
-        .iter_mut()
-        .find(|b| b.name() == Some(name))
-        .ok_or_else(|| not_found(name))?;
-    if b.busy() {
-        return Err(busy(name));
-    }
-    if matches!(allow, Allow::Modify | Allow::Remove) && b.readonly() {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{name}' is readonly and cannot be modified"
-        )));
-    }
-    if matches!(allow, Allow::Modify | Allow::Use) && b.inconsistent() {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{name}' is inconsistent and cannot be used"
-        )));
-    }
-    Ok(f(b))
+    node.with_bitmap(name, |b| {
+        if b.busy() {
+            return Err(busy(name));
+        }
+        if matches!(allow, Allow::Modify | Allow::Remove) && b.readonly() {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            )));
+        }
+        if matches!(allow, Allow::Modify | Allow::Use) && b.inconsistent() {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            )));
+        }
+        Ok(f(b))
+    })
+    .ok_or_else(|| not_found(name))?
 }
 
 /// The granularity QEMU picks when none is given: the cluster size within [4 KiB, 64 KiB], or
@@ -317,14 +304,15 @@ pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// which is what QEMU hashes, so the two agree on equal bitmaps.
 pub fn sha256(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
     let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
-    let digest = with_bitmap(&node, name, |b| {
-        let mut h = Sha256::new();
-        for w in b.bits().words() {
-            h.update(w.to_le_bytes());
-        }
-        h.finalize()
-    })
-    .ok_or_else(|| not_found(name))?;
+    let digest = node
+        .with_bitmap(name, |b| {
+            let mut h = Sha256::new();
+            for w in b.bits().words() {
+                h.update(w.to_le_bytes());
+            }
+            h.finalize()
+        })
+        .ok_or_else(|| not_found(name))?;
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     Ok(json!({ "sha256": hex }))
 }

@@ -181,9 +181,7 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
         .add_export(export.clone())
         .map_err(QmpError::generic)?;
     for (node, name) in &bitmaps {
-        if let Some(b) = node.bitmaps().iter_mut().find(|b| b.name() == Some(name)) {
-            b.set_busy(true);
-        }
+        node.with_bitmap(name, |b| b.set_busy(true));
     }
     ctl.exports.insert(x.id.to_owned(), export, bitmaps);
     Ok(json!({}))
@@ -232,10 +230,7 @@ fn export_bitmaps(
             }
         };
         let (busy, inconsistent, recording) = holder
-            .bitmaps()
-            .iter()
-            .find(|b| b.name() == Some(&name))
-            .map(|b| (b.busy(), b.inconsistent(), b.recording()))
+            .with_bitmap(&name, |b| (b.busy(), b.inconsistent(), b.recording()))
             .unwrap_or_default();
         if busy
             || out

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use bitmap::{DirtyBitmap, HBitmap};
 use block::{BlockError, IoVec, Result, WriteFlags};
 
-use super::header::{autoclear, RawExtension, EXT_BITMAPS};
+use super::header::{autoclear, be32, be64, RawExtension, EXT_BITMAPS};
 use super::Qcow2Driver;
 
 const IN_USE: u32 = 1 << 0;
@@ -47,16 +47,6 @@ pub(crate) struct DirEntry {
 
 fn corrupt(msg: impl Into<String>) -> BlockError {
     BlockError::corrupt(msg)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
 }
 
 /// The extension's payload: (count, directory size, directory offset).
