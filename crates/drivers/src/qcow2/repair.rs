@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use block::{BlockError, IoVec, Result, WriteFlags};
 
 use super::entry::{Mapping, OFFSET_MASK};
-use super::header::incompat;
+use super::header::{be64, incompat};
 use super::meta::{set_refcount, Meta};
 
 struct Counter {
@@ -21,12 +21,6 @@ impl Counter {
             *self.refs.entry(c).or_default() += 1;
         }
     }
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
 }
 
 async fn count_l1(
