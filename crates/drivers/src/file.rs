@@ -117,9 +117,9 @@ impl FileDriver {
             meta.len()
         };
         let seekable_holes = meta.file_type().is_file();
-        // Off by default until a crash-test failure seen once with it on is understood
-        // (BLOCKJOB_WRITE_LANE=1 turns it on; see the README's Performance section).
-        let lane_on = std::env::var("BLOCKJOB_WRITE_LANE").is_ok_and(|v| v == "1");
+        // BLOCKJOB_WRITE_LANE=0 leaves buffered writes to the kernel's inode lock, for
+        // comparison (see the README's Performance section).
+        let lane_on = std::env::var("BLOCKJOB_WRITE_LANE").as_deref() != Ok("0");
         let write_lane = (lane_on && seekable_holes && !options.direct).then(Arc::default);
         Ok(FileDriver {
             fd: Arc::new(fd),
