@@ -335,13 +335,9 @@ fn print_qsd() {
     println!("{}", run(Path::new("qemu-storage-daemon")).join("\n"));
 }
 
-/// The same commands on one image, through `program`; the transcript of replies.
-fn run_on_image(program: &Path, dir: &Path, image: &str, steps: &[Value]) -> Vec<String> {
-    run_on_image_opts(program, dir, image, steps, false)
-}
-
-/// [`run_on_image`], the image opened read-only (and exported read-only) when `read_only`.
-fn run_on_image_opts(
+/// The same commands on one image, through `program`, the image opened (and exported)
+/// read-only when `read_only`; the transcript of replies.
+fn run_on_image(
     program: &Path,
     dir: &Path,
     image: &str,
@@ -409,6 +405,21 @@ fn qemu_img_bitmaps(path: &Path) -> Value {
     v["format-specific"]["data"]["bitmaps"].clone()
 }
 
+/// Runs `steps` with blockjobd on `ours` and qemu-storage-daemon on `theirs` (images in
+/// `dir`), opened read-only when `read_only`, and asserts that both answer alike.
+fn same_on_both(dir: &Path, ours: &str, theirs: &str, steps: &[Value], read_only: bool) {
+    let image = |name: &str| dir.join(name).display().to_string();
+    let a = run_on_image(&common::blockjobd(), dir, &image(ours), steps, read_only);
+    let b = run_on_image(
+        Path::new("qemu-storage-daemon"),
+        dir,
+        &image(theirs),
+        steps,
+        read_only,
+    );
+    common::assert_same_transcript(&a, &b);
+}
+
 /// Persistent bitmaps in qcow2, both directions: bitmaps qemu-img and QEMU wrote are loaded
 /// with the same bits; ours are stored so that qemu-img lists them and QEMU loads the same
 /// bits; qemu-img's offline changes are read back; a crash leaves them in use, and both
@@ -450,19 +461,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b2"}}),
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
     ];
-    let ours = run_on_image(
-        &common::blockjobd(),
-        dir.path(),
-        &p("d.qcow2").display().to_string(),
-        &steps,
-    );
-    let theirs = run_on_image(
-        Path::new("qemu-storage-daemon"),
-        dir.path(),
-        &p("q.qcow2").display().to_string(),
-        &steps,
-    );
-    common::assert_same_transcript(&ours, &theirs);
+    same_on_both(dir.path(), "d.qcow2", "q.qcow2", &steps, false);
     // Stored alike: qemu-img lists the same bitmaps with the same flags.
     assert_eq!(
         qemu_img_bitmaps(&p("d.qcow2")),
@@ -477,19 +476,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b2"}}),
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
     ];
-    let qemu_reads_ours = run_on_image(
-        Path::new("qemu-storage-daemon"),
-        dir.path(),
-        &p("d.qcow2").display().to_string(),
-        &sums,
-    );
-    let we_read_qemus = run_on_image(
-        &common::blockjobd(),
-        dir.path(),
-        &p("q.qcow2").display().to_string(),
-        &sums,
-    );
-    common::assert_same_transcript(&we_read_qemus, &qemu_reads_ours);
+    same_on_both(dir.path(), "q.qcow2", "d.qcow2", &sums, false);
 
     // Offline changes by qemu-img are what we load.
     for img in ["d.qcow2", "q.qcow2"] {
@@ -498,19 +485,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         qemu_img(&["bitmap", "--merge", "b1", img, "b5"], dir.path());
         qemu_img(&["bitmap", "--disable", img, "b1"], dir.path());
     }
-    let ours = run_on_image(
-        &common::blockjobd(),
-        dir.path(),
-        &p("d.qcow2").display().to_string(),
-        &sums,
-    );
-    let theirs = run_on_image(
-        Path::new("qemu-storage-daemon"),
-        dir.path(),
-        &p("q.qcow2").display().to_string(),
-        &sums,
-    );
-    common::assert_same_transcript(&ours, &theirs);
+    same_on_both(dir.path(), "d.qcow2", "q.qcow2", &sums, false);
 
     // A crash leaves the bitmaps in use; both daemons then load them as inconsistent.
     for img in ["d.qcow2", "q.qcow2"] {
@@ -540,19 +515,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": "d", "name": "b1"}}),
         json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b1", "persistent": true}}),
     ];
-    let ours = run_on_image(
-        &common::blockjobd(),
-        dir.path(),
-        &p("d.qcow2").display().to_string(),
-        &after_crash,
-    );
-    let theirs = run_on_image(
-        Path::new("qemu-storage-daemon"),
-        dir.path(),
-        &p("q.qcow2").display().to_string(),
-        &after_crash,
-    );
-    common::assert_same_transcript(&ours, &theirs);
+    same_on_both(dir.path(), "d.qcow2", "q.qcow2", &after_crash, false);
     assert_eq!(
         qemu_img_bitmaps(&p("d.qcow2")),
         qemu_img_bitmaps(&p("q.qcow2"))
@@ -571,21 +534,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "block-dirty-bitmap-merge", "arguments": {"node": "d", "target": "b3", "bitmaps": ["m"]}}),
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "m"}}),
     ];
-    let ours = run_on_image_opts(
-        &common::blockjobd(),
-        dir.path(),
-        &p("d.qcow2").display().to_string(),
-        &read_only,
-        true,
-    );
-    let theirs = run_on_image_opts(
-        Path::new("qemu-storage-daemon"),
-        dir.path(),
-        &p("q.qcow2").display().to_string(),
-        &read_only,
-        true,
-    );
-    common::assert_same_transcript(&ours, &theirs);
+    same_on_both(dir.path(), "d.qcow2", "q.qcow2", &read_only, true);
     assert_eq!(
         qemu_img_bitmaps(&p("d.qcow2")),
         qemu_img_bitmaps(&p("q.qcow2"))
