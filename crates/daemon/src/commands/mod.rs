@@ -61,6 +61,9 @@ pub async fn execute(
         "query-block-jobs" => Ok(job::query_block_jobs(ctl).await),
         "blockdev-create" => job::blockdev_create(ctl, &arguments).await,
         "quit" => {
+            // Exports end first, while the monitors still listen: their BLOCK_EXPORT_DELETED
+            // events reach the client before the connection closes, as with QEMU.
+            ctl.exports.shutdown().await;
             ctl.shutdown.send_replace(true);
             Ok(json!({}))
         }
