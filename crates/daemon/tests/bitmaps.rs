@@ -405,6 +405,14 @@ fn qemu_img_bitmaps(path: &Path) -> Value {
     v["format-specific"]["data"]["bitmaps"].clone()
 }
 
+/// Stored alike: qemu-img lists the same bitmaps with the same flags in `ours` and `theirs`,
+/// and `ours` checks clean.
+fn stored_alike_and_clean(ours: &Path, theirs: &Path) {
+    assert_eq!(qemu_img_bitmaps(ours), qemu_img_bitmaps(theirs));
+    let (clean, report) = common::qemu_img_check(ours);
+    assert!(clean, "{report}");
+}
+
 /// Runs `steps` with blockjobd on `ours` and qemu-storage-daemon on `theirs` (images in
 /// `dir`), opened read-only when `read_only`, and asserts that both answer alike.
 fn same_on_both(dir: &Path, ours: &str, theirs: &str, steps: &[Value], read_only: bool) {
@@ -462,13 +470,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "d", "name": "b3"}}),
     ];
     same_on_both(dir.path(), "d.qcow2", "q.qcow2", &steps, false);
-    // Stored alike: qemu-img lists the same bitmaps with the same flags.
-    assert_eq!(
-        qemu_img_bitmaps(&p("d.qcow2")),
-        qemu_img_bitmaps(&p("q.qcow2"))
-    );
-    let (clean, report) = common::qemu_img_check(&p("d.qcow2"));
-    assert!(clean, "{report}");
+    stored_alike_and_clean(&p("d.qcow2"), &p("q.qcow2"));
 
     // QEMU loads our bits; we load QEMU's.
     let sums = vec![
@@ -516,12 +518,7 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "d", "name": "b1", "persistent": true}}),
     ];
     same_on_both(dir.path(), "d.qcow2", "q.qcow2", &after_crash, false);
-    assert_eq!(
-        qemu_img_bitmaps(&p("d.qcow2")),
-        qemu_img_bitmaps(&p("q.qcow2"))
-    );
-    let (clean, report) = common::qemu_img_check(&p("d.qcow2"));
-    assert!(clean, "{report}");
+    stored_alike_and_clean(&p("d.qcow2"), &p("q.qcow2"));
 
     // Opened read-only, stored bitmaps are read-only: they can be used, not changed.
     let read_only = vec![
