@@ -11,7 +11,7 @@
 //! reply is discarded, the buffers are freed. [`IoEngine`] is the seam where an io_uring engine
 //! can be added and measured against [`ThreadPoolEngine`].
 //!
-//! One shortcut: a small buffered read first asks the page cache on the caller's thread
+//! One shortcut: a buffered read of up to 1 MiB first asks the page cache on the caller's thread
 //! (`preadv2` with `RWF_NOWAIT`, which never waits for the disk). A hit costs one copy and no
 //! thread hand-off, which cuts a cached 4 KiB read's latency by a third over NBD; a miss falls
 //! through to a worker for the rest.
