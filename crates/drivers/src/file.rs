@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use block::engine::{IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
+use block::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
 use block::{BlockDriver, BlockError, BlockStatus, Facts, ImageInfo, IoVec, Result};
 use block::{WriteFlags, ZeroFlags};
 use bytes::BytesMut;
@@ -77,6 +77,9 @@ pub struct FileDriver {
     /// passed in 0.4 ms (bench/nbd.sh, 4 KiB random writes). `None` for O_DIRECT and block
     /// devices, whose writes run in parallel in the kernel.
     write_lane: Option<Arc<Lane>>,
+    /// Buffered reads ask the page cache on the caller's thread first (see
+    /// [`IoEngine::read_at_cached_first`]); `None` for O_DIRECT.
+    read_hint: Option<CacheHint>,
 }
 
 impl FileDriver {
@@ -121,6 +124,9 @@ impl FileDriver {
         // comparison (see the README's Performance section).
         let lane_on = std::env::var("BLOCKJOB_WRITE_LANE").as_deref() != Ok("0");
         let write_lane = (lane_on && seekable_holes && !options.direct).then(Arc::default);
+        // BLOCKJOB_CACHED_READS=0 sends every read to a worker, for comparison.
+        let cached_reads = std::env::var("BLOCKJOB_CACHED_READS").as_deref() != Ok("0");
+        let read_hint = (cached_reads && !options.direct).then(CacheHint::default);
         Ok(FileDriver {
             fd: Arc::new(fd),
             engine: ThreadPoolEngine::global(),
@@ -129,6 +135,7 @@ impl FileDriver {
             seekable_holes,
             request_align,
             write_lane,
+            read_hint,
         })
     }
 
@@ -236,10 +243,19 @@ impl BlockDriver for FileDriver {
     }
 
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        self.engine
-            .read_at(&self.fd, offset, buf, self.align())
-            .await
-            .map_err(|e| BlockError::io(format!("reading '{}' at {offset}", self.name()), e))
+        let read = match &self.read_hint {
+            Some(hint) => {
+                self.engine
+                    .read_at_cached_first(hint, &self.fd, offset, buf, self.align())
+                    .await
+            }
+            None => {
+                self.engine
+                    .read_at(&self.fd, offset, buf, self.align())
+                    .await
+            }
+        };
+        read.map_err(|e| BlockError::io(format!("reading '{}' at {offset}", self.name()), e))
     }
 
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
