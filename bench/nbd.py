@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """NBD export benchmark: the same export served by blockjobd and qemu-storage-daemon.
 
-fio's nbd engine drives each server in turn (alternating, several runs) with:
+fio's nbd engine drives each server in turn (each workload on both back to back, in
+alternating order, several runs) with:
   4 KiB random writes and reads at queue depth 16 (IOPS, mean/p50/p99 completion latency),
   1 MiB sequential reads and writes at queue depth 4 (throughput).
 Prints medians and ratios (> 1.0 means blockjobd is better).
@@ -128,16 +129,19 @@ def main():
             if a.format == "raw":
                 settle(image, a.page_cache)
                 ceilings.append(ceiling(image, a.seconds, size))
-            order = servers if run % 2 == 0 else servers[::-1]
-            for name, program in order:
-                p = start(program, image, a.format, sock)
-                try:
-                    for label, rw, bs, depth in WORKLOADS:
+            # The two servers take each workload back to back, each from a fresh start, in
+            # alternating order: the host's noise drifts over minutes, and a workload measured
+            # on both within seconds is compared under nearly the same conditions.
+            for i, (label, rw, bs, depth) in enumerate(WORKLOADS):
+                order = servers if (run + i) % 2 == 0 else servers[::-1]
+                for name, program in order:
+                    p = start(program, image, a.format, sock)
+                    try:
                         settle(image, a.page_cache)
                         results[name][label].append(fio(sock, rw, bs, depth, a.seconds, size))
-                finally:
-                    p.terminate()
-                    p.wait()
+                    finally:
+                        p.terminate()
+                        p.wait()
             print(f"run {run + 1}/{a.runs} done", file=sys.stderr)
 
     def med(name, label, key):
