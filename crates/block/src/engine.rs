@@ -288,7 +288,8 @@ impl ThreadPoolEngine {
         wait_reply(wait).await
     }
 
-    /// Fills `buf` from `offset` on a worker, but for its first `done` bytes, already in place.
+    /// Fills `buf` from `offset` on a worker, but for its first `done` bytes, already in place
+    /// (only buffered reads, which never bounce, come with some done).
     async fn read_from(
         &self,
         fd: &SharedFd,
@@ -297,6 +298,7 @@ impl ThreadPoolEngine {
         align: usize,
         done: usize,
     ) -> io::Result<BytesMut> {
+        debug_assert!(done == 0 || align <= 1);
         let fd = fd.clone();
         self.run(move || {
             if needs_bounce(buf.as_ptr(), align) {
