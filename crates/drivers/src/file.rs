@@ -167,6 +167,35 @@ impl FileDriver {
         Ok(())
     }
 
+    /// Makes the file at least `len` bytes long, never shorter: a write past `len` that lands
+    /// while this runs keeps its data (a plain `ftruncate` to a size read earlier would cut it
+    /// off). Only the block holding the last byte is allocated; the rest stays a hole. Where
+    /// `fallocate` is not supported, falls back to `ftruncate` when the file is still shorter.
+    async fn grow_to(&self, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let grown = self.engine.fallocate(&self.fd, 0, len - 1, 1).await;
+        match grown {
+            Ok(()) => {
+                self.len.fetch_max(len, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                if self.len() < len {
+                    self.truncate(len).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(BlockError::io(format!("extending '{}'", self.name()), e)),
+        }
+    }
+
     /// Copies `len` bytes to `dst` with `copy_file_range`, in the kernel. Returns bytes copied
     /// (less than `len` when the kernel stops early; the caller continues or falls back).
     pub async fn copy_range_to(
@@ -313,7 +342,7 @@ impl BlockDriver for FileDriver {
             }
         }
         if end > size && self.seekable_holes {
-            self.truncate(end).await?;
+            self.grow_to(end).await?;
         }
         if flags.fua {
             self.sync().await?;
@@ -380,5 +409,50 @@ impl BlockDriver for FileDriver {
             format: "file",
             ..ImageInfo::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A write-zeroes past the end extends the file; a write further out that landed after the
+    /// driver last saw the file's size (another request in flight) must keep its data.
+    #[tokio::test]
+    async fn write_zeroes_past_the_end_never_shortens_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        FileDriver::create(&path, 4096).expect("create");
+        let driver = FileDriver::open(FileOptions::new(&path)).expect("open");
+        // The other request, as the kernel sees it: 4 KiB of data at 1 MiB.
+        let other = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        other.write_all_at(&[0xab; 4096], 1 << 20).expect("write");
+        let flags = ZeroFlags {
+            may_unmap: true,
+            ..ZeroFlags::default()
+        };
+        driver
+            .write_zeroes(4096, 8192, flags)
+            .await
+            .expect("zeroes");
+        let len = std::fs::metadata(&path).expect("stat").len();
+        assert_eq!(len, (1 << 20) + 4096, "the file was cut short");
+        let back = std::fs::read(&path).expect("read");
+        assert!(back[(1 << 20)..].iter().all(|&b| b == 0xab));
+        assert!(back[4096..12288].iter().all(|&b| b == 0));
+        // With nothing further out, it grows to the end of the zeroes.
+        driver
+            .write_zeroes(2 << 20, 4096, flags)
+            .await
+            .expect("zeroes");
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            (2 << 20) + 4096
+        );
+        assert_eq!(driver.len(), (2 << 20) + 4096);
     }
 }
