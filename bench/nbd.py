@@ -5,7 +5,8 @@ fio's nbd engine drives each server in turn (each workload on both back to back,
 alternating order, several runs) with:
   4 KiB random writes and reads at queue depth 16 (IOPS, mean/p50/p99 completion latency),
   1 MiB sequential reads and writes at queue depth 4 (throughput).
-Prints medians and ratios (> 1.0 means blockjobd is better).
+Prints medians and their ratios (> 1.0 means blockjobd is better), and the quartiles of the
+ratios of the runs measured side by side, as a measure of the host's noise.
 
 The host page cache decides what a 4 KiB buffered write costs the kernel. After a sequential
 fill or a sequential read, the image sits in the cache as large folios (up to 2 MiB on Linux
@@ -149,15 +150,28 @@ def main():
 
     print(f"NBD export of a {a.size_mib} MiB {a.format} image over a unix socket, fio nbd engine, "
           f"{a.seconds}s per workload, medians of {a.runs} runs, page cache {a.page_cache}")
-    print(f"{'workload':20} {'metric':8} {'blockjobd':>11} {'qsd':>11} {'ratio':>7}")
+    def ratio(o, q, higher):
+        return (o / q if higher else q / o) if o and q else float("nan")
+
+    def spread(label, key, higher):
+        """The quartiles of the ratios of the runs measured side by side."""
+        pairs = [ratio(o[key], q[key], higher)
+                 for o, q in zip(results["blockjobd"][label], results["qsd"][label])]
+        if len(pairs) < 2:
+            return ""
+        q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+        return f"{q1:.2f}-{q3:.2f}"
+
+    print(f"{'workload':20} {'metric':8} {'blockjobd':>11} {'qsd':>11} {'ratio':>7} "
+          f"{'pairs q1-q3':>12}")
     for label, rw, bs, depth in WORKLOADS:
         metrics = [("IOPS", "iops", True), ("mean us", "mean", False), ("p50 us", "p50", False),
                    ("p99 us", "p99", False)] \
             if bs == "4k" else [("MB/s", "mbps", True)]
         for mname, key, higher in metrics:
             o, q = med("blockjobd", label, key), med("qsd", label, key)
-            ratio = (o / q if higher else q / o) if o and q else float("nan")
-            print(f"{label:20} {mname:8} {o:11.1f} {q:11.1f} {ratio:6.2f}x")
+            print(f"{label:20} {mname:8} {o:11.1f} {q:11.1f} {ratio(o, q, higher):6.2f}x "
+                  f"{spread(label, key, higher):>12}")
     if ceilings:
         c = statistics.median(ceilings)
         print(f"kernel ceiling: one thread's 4k random pwrite() on the image, {c:.0f} IOPS; "
