@@ -238,18 +238,14 @@ fn a_slow_create_job_pauses_resumes_and_cancels() {
     let d = Daemon::ours(&[]);
     let mut c = d.client();
     let ok = json!({"return": {}});
-    let send = |c: &mut Client, cmd: &str, args: Value| {
-        c.send(&json!({"execute": cmd, "arguments": args}));
-    };
     // The pause goes out with the create, so it reaches the job long before its 1 GiB is
     // written, however slow this machine is.
-    send(
-        &mut c,
+    c.execute(
         "blockdev-create",
         json!({"job-id": "big", "options": {"driver": "file", "filename": "big.img",
                "size": 1u64 << 30, "preallocation": "full"}}),
     );
-    send(&mut c, "job-pause", json!({"id": "big"}));
+    c.execute("job-pause", json!({"id": "big"}));
     let mut seen = Vec::new();
     let replies = replies_and_statuses(&mut c, "big", 2, "paused", &mut seen);
     assert_eq!(replies, [ok.clone(), ok.clone()]);
@@ -263,8 +259,8 @@ fn a_slow_create_job_pauses_resumes_and_cancels() {
         c.cmd("job-pause", json!({"id": "big"}))["error"]["desc"],
         "Job is already paused"
     );
-    send(&mut c, "job-resume", json!({"id": "big"}));
-    send(&mut c, "job-cancel", json!({"id": "big"}));
+    c.execute("job-resume", json!({"id": "big"}));
+    c.execute("job-cancel", json!({"id": "big"}));
     let replies = replies_and_statuses(&mut c, "big", 2, "concluded", &mut seen);
     assert_eq!(replies, [ok.clone(), ok.clone()]);
     assert_eq!(
@@ -290,36 +286,29 @@ fn a_slow_create_job_pauses_resumes_and_cancels() {
 fn slow_create_statuses(program: &Path, shows_pause: bool) -> (Vec<String>, Value) {
     let d = Daemon::start(program, &[], tempfile::tempdir().expect("tempdir"));
     let mut c = d.client();
-    let mut seen = Vec::new();
-    let read = |c: &mut Client, seen: &mut Vec<String>| -> bool {
-        let v = c.read().expect("message");
-        if v["event"] == "JOB_STATUS_CHANGE" {
-            seen.push(v["data"]["status"].as_str().expect("status").to_owned());
-            return false;
-        }
-        assert!(v.get("error").is_none(), "{v}");
-        v.get("return").is_some()
-    };
-    let send = |c: &mut Client, cmd: &str, args: Value| {
-        c.send(&json!({"execute": cmd, "arguments": args}));
-    };
-    send(
-        &mut c,
+    c.execute(
         "blockdev-create",
         json!({"job-id": "big", "options": {"driver": "file", "filename": "big.img",
                "size": 512u64 << 20, "preallocation": "full"}}),
     );
-    send(&mut c, "job-pause", json!({"id": "big"}));
-    let mut replies = 0;
+    c.execute("job-pause", json!({"id": "big"}));
+    let mut seen = Vec::new();
+    let mut replies = Vec::new();
     if shows_pause {
-        while seen.last().map(String::as_str) != Some("paused") {
-            replies += usize::from(read(&mut c, &mut seen));
-        }
+        replies = replies_and_statuses(&mut c, "big", 0, "paused", &mut seen);
     }
-    send(&mut c, "job-resume", json!({"id": "big"}));
-    send(&mut c, "job-cancel", json!({"id": "big"}));
-    while replies < 4 || seen.last().map(String::as_str) != Some("concluded") {
-        replies += usize::from(read(&mut c, &mut seen));
+    c.execute("job-resume", json!({"id": "big"}));
+    c.execute("job-cancel", json!({"id": "big"}));
+    let more = 4 - replies.len();
+    replies.extend(replies_and_statuses(
+        &mut c,
+        "big",
+        more,
+        "concluded",
+        &mut seen,
+    ));
+    for r in &replies {
+        assert_eq!(r, &json!({"return": {}}));
     }
     let jobs = c.cmd("query-jobs", json!({}));
     (seen, jobs["return"][0]["error"].clone())

@@ -164,6 +164,11 @@ impl Client {
         self.send_raw(&s);
     }
 
+    /// Sends a command without waiting for its reply.
+    pub fn execute(&mut self, name: &str, args: Value) {
+        self.send(&json!({"execute": name, "arguments": args}));
+    }
+
     pub fn cmd(&mut self, name: &str, args: Value) -> Value {
         self.send(&json!({"execute": name, "arguments": args}));
         self.reply()
