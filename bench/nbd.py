@@ -148,8 +148,6 @@ def main():
     def med(name, label, key):
         return statistics.median(r[key] for r in results[name][label])
 
-    print(f"NBD export of a {a.size_mib} MiB {a.format} image over a unix socket, fio nbd engine, "
-          f"{a.seconds}s per workload, medians of {a.runs} runs, page cache {a.page_cache}")
     def ratio(o, q, higher):
         return (o / q if higher else q / o) if o and q else float("nan")
 
@@ -162,6 +160,8 @@ def main():
         q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
         return f"{q1:.2f}-{q3:.2f}"
 
+    print(f"NBD export of a {a.size_mib} MiB {a.format} image over a unix socket, fio nbd engine, "
+          f"{a.seconds}s per workload, medians of {a.runs} runs, page cache {a.page_cache}")
     print(f"{'workload':20} {'metric':8} {'blockjobd':>11} {'qsd':>11} {'ratio':>7} "
           f"{'pairs q1-q3':>12}")
     for label, rw, bs, depth in WORKLOADS:

@@ -181,12 +181,7 @@ impl FileDriver {
                 self.len.fetch_max(len, Ordering::AcqRel);
                 Ok(())
             }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-                ) =>
-            {
+            Err(e) if fallocate_unsupported(&e) => {
                 if self.len() < len {
                     self.truncate(len).await?;
                 }
@@ -325,11 +320,7 @@ impl BlockDriver for FileDriver {
                 .fallocate(&self.fd, mode, offset, inside_end - offset)
                 .await;
             if let Err(e) = r {
-                let unsupported = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
-                );
-                if !unsupported {
+                if !fallocate_unsupported(&e) {
                     return Err(BlockError::io(
                         format!("zeroing '{}' at {offset}", self.name()),
                         e,
@@ -410,6 +401,14 @@ impl BlockDriver for FileDriver {
             ..ImageInfo::default()
         }
     }
+}
+
+/// The file system (or the file) has no such `fallocate` mode.
+fn fallocate_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+    )
 }
 
 #[cfg(test)]

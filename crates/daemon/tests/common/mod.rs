@@ -170,7 +170,7 @@ impl Client {
     }
 
     pub fn cmd(&mut self, name: &str, args: Value) -> Value {
-        self.send(&json!({"execute": name, "arguments": args}));
+        self.execute(name, args);
         self.reply()
     }
 
