@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use crate::buf::IoVec;
 use crate::driver::{BlockStatus, WriteFlags, ZeroFlags};
 use crate::error::Result;
-use crate::node::{BlockNode, Child, ChildRole};
+use crate::node::{BlockNode, Child, ChildRole, EdgeSpec};
+use crate::perm::{EdgePerm, Parent};
 
 /// A handle for I/O on whatever node the root edge points to.
 #[derive(Clone, Debug)]
@@ -24,6 +25,25 @@ impl BlockBackend {
         Self {
             root: Child::new(ChildRole::Root, node),
         }
+    }
+
+    /// A backend for `user` (described as QEMU describes it: `an unnamed block device`,
+    /// `backup job 'j0'`) needing `need` of `node`; refused as [`Child::attach`] refuses.
+    pub fn attach(node: Arc<BlockNode>, user: impl Into<String>, need: EdgePerm) -> Result<Self> {
+        let spec = EdgeSpec::new(ChildRole::Root, Parent::User(user.into()));
+        Ok(Self {
+            root: Child::attach(spec, node, need)?,
+        })
+    }
+
+    /// Changes what the backend needs of its node; refused as [`Child::attach`] refuses.
+    pub fn set_need(&self, need: EdgePerm) -> Result<()> {
+        self.root.set_need(need)
+    }
+
+    /// The root edge.
+    pub fn root(&self) -> &Arc<Child> {
+        &self.root
     }
 
     /// The node the backend points to right now.

@@ -18,6 +18,7 @@ use bytes::BytesMut;
 use crate::buf::IoVec;
 use crate::error::Result;
 use crate::node::Child;
+use crate::perm::EdgePerm;
 
 /// Facts a driver states about itself; the request path obeys them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +170,20 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
 
     /// Whether the node was opened for writing.
     fn writable(&self) -> bool;
+
+    /// The node's parents will need and share `_of_node` (see [`crate::perm`]): take what that
+    /// requires outside the graph (the file driver's image locks) or refuse. Followed by
+    /// [`commit_perm`](Self::commit_perm) with the same value, or by
+    /// [`abort_perm`](Self::abort_perm).
+    fn prepare_perm(&self, _of_node: EdgePerm) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes a prepared change final (releases what is no longer needed).
+    fn commit_perm(&self, _of_node: EdgePerm) {}
+
+    /// Undoes a prepared change.
+    fn abort_perm(&self) {}
 
     /// Reads `buf.len()` bytes at `offset` into `buf` and hands it back.
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut>;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{BlockError, ErrorKind, Result};
 use crate::node::{BlockNode, Child, ChildRole};
+use crate::perm;
 
 /// Named nodes of a daemon or a tool.
 #[derive(Debug, Default)]
@@ -61,6 +62,8 @@ impl Graph {
 }
 
 /// Re-points every parent of `old` (but `except`) at `new`, atomically, with both drained.
+/// Refused, with nothing changed, when one of those edges is frozen or when the permissions
+/// of the new arrangement conflict.
 pub async fn replace_node(
     old: &Arc<BlockNode>,
     new: &Arc<BlockNode>,
@@ -81,11 +84,27 @@ pub async fn replace_node(
     } else {
         Some(new.drain().await)
     };
-    for edge in old.parents() {
-        if except.is_some_and(|e| Arc::ptr_eq(e, &edge)) {
-            continue;
-        }
+    let edges: Vec<Arc<Child>> = old
+        .parents()
+        .into_iter()
+        .filter(|edge| !except.is_some_and(|e| Arc::ptr_eq(e, edge)))
+        .collect();
+    if let Some(frozen) = edges.iter().find(|e| e.is_frozen()) {
+        return Err(BlockError::invalid(format!(
+            "Cannot change '{}' link to '{}'",
+            frozen.name(),
+            old.name()
+        )));
+    }
+    for edge in &edges {
         edge.repoint(new);
+    }
+    if let Err(e) = perm::refresh(&[new.clone(), old.clone()]) {
+        for edge in &edges {
+            edge.repoint(old);
+        }
+        let _ = perm::refresh(&[old.clone(), new.clone()]);
+        return Err(e);
     }
     Ok(())
 }

@@ -25,10 +25,12 @@ pub mod error;
 pub mod graph;
 pub mod map;
 pub mod node;
+pub mod perm;
 pub mod range_lock;
 
 pub use backend::BlockBackend;
 pub use buf::IoVec;
 pub use driver::{BlockDriver, BlockStatus, Facts, ImageInfo, InfoValue, WriteFlags, ZeroFlags};
 pub use error::{BlockError, ErrorKind, Result, ResultExt};
-pub use node::{BlockNode, Child, ChildRole};
+pub use node::{BlockNode, Child, ChildRole, EdgeSpec};
+pub use perm::{EdgePerm, Parent, Perm, PermPolicy};

@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -27,6 +27,7 @@ use crate::buf::IoVec;
 use crate::drain::{DrainGate, Drained, InFlight};
 use crate::driver::{BlockDriver, BlockStatus, Facts, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, ErrorKind, Result};
+use crate::perm::{self, EdgePerm, Parent, PermPolicy};
 use crate::range_lock::{LockMode, RangeLocks};
 
 /// The role of a child edge, as QEMU names them.
@@ -52,6 +53,55 @@ impl ChildRole {
             ChildRole::Root => "root",
         }
     }
+
+    /// How an edge of this role derives its needs when nothing else is said: a format's
+    /// `file` holds metadata and data, a backing file is read-only, a filtered child passes
+    /// needs through, and a root edge's needs are set by its holder.
+    pub fn default_policy(self) -> PermPolicy {
+        match self {
+            ChildRole::File => PermPolicy::Image,
+            ChildRole::Backing => PermPolicy::Cow,
+            ChildRole::Filtered => PermPolicy::Filtered,
+            ChildRole::Root => PermPolicy::Fixed,
+        }
+    }
+}
+
+/// What an edge is, for [`Child::attach`].
+#[derive(Clone, Debug)]
+pub struct EdgeSpec {
+    /// Structural role (what the request path and the map follow).
+    pub role: ChildRole,
+    /// QEMU's name of the child (`file`, `image`, `backing`, `root`), shown in messages.
+    pub name: &'static str,
+    /// How its needs follow from the parent's.
+    pub policy: PermPolicy,
+    /// Who holds it.
+    pub parent: Parent,
+}
+
+impl EdgeSpec {
+    /// An edge of `role` with the role's name and default policy, held by `parent`.
+    pub fn new(role: ChildRole, parent: Parent) -> Self {
+        Self {
+            role,
+            name: role.name(),
+            policy: role.default_policy(),
+            parent,
+        }
+    }
+
+    /// The same edge under QEMU's child name `name`.
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// The same edge with another policy.
+    pub fn policy(mut self, policy: PermPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
 }
 
 /// What kind of modification a before-write hook is told about.
@@ -76,6 +126,13 @@ pub trait BeforeWriteHook: Send + Sync + fmt::Debug {
 /// A directed edge from a parent (driver or backend) to a node.
 pub struct Child {
     role: ChildRole,
+    name: &'static str,
+    policy: PermPolicy,
+    parent: OnceLock<Parent>,
+    /// What the parent needs of the node and lets others do (see [`crate::perm`]).
+    perm: Mutex<EdgePerm>,
+    /// A frozen edge cannot be re-pointed (a job relies on it).
+    frozen: AtomicBool,
     node: RwLock<Arc<BlockNode>>,
 }
 
@@ -83,8 +140,24 @@ impl fmt::Debug for Child {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Child")
             .field("role", &self.role)
+            .field("name", &self.name)
             .field("node", &self.node().name())
+            .field("perm", &self.perm())
             .finish()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let node = self
+            .node
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        lock(&node.parents).retain(|w| w.strong_count() > 0);
+        if self.perm() != EdgePerm::FREE {
+            perm::release(&[node]);
+        }
     }
 }
 
@@ -135,19 +208,106 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Child {
-    /// A new edge of `role` to `node`, registered as one of its parents.
+    /// A new edge of `role` to `node`, registered as one of its parents, needing nothing and
+    /// sharing everything until a [`perm::refresh`] from its parent says otherwise.
+    /// The parent is named when its node is made ([`BlockNode::new`]).
     pub fn new(role: ChildRole, node: Arc<BlockNode>) -> Arc<Child> {
+        Self::unchecked(role, role.name(), role.default_policy(), None, node)
+    }
+
+    fn unchecked(
+        role: ChildRole,
+        name: &'static str,
+        policy: PermPolicy,
+        parent: Option<Parent>,
+        node: Arc<BlockNode>,
+    ) -> Arc<Child> {
         let child = Arc::new(Child {
             role,
+            name,
+            policy,
+            parent: parent.map(OnceLock::from).unwrap_or_default(),
+            perm: Mutex::new(EdgePerm::FREE),
+            frozen: AtomicBool::new(false),
             node: RwLock::new(node.clone()),
         });
         lock(&node.parents).push(Arc::downgrade(&child));
         child
     }
 
+    /// Attaches a new edge to `node` needing `need`: refused, with nothing changed, when the
+    /// node's other parents do not share what it needs, it does not share what they need, or
+    /// the node (or one below it) cannot give it (read-only, image locked by another process).
+    pub fn attach(spec: EdgeSpec, node: Arc<BlockNode>, need: EdgePerm) -> Result<Arc<Child>> {
+        let child = Self::unchecked(
+            spec.role,
+            spec.name,
+            spec.policy,
+            Some(spec.parent),
+            node.clone(),
+        );
+        perm::refresh_with(&[node], &[(&child, need)])?;
+        Ok(child)
+    }
+
+    /// Changes what the edge needs, refused as [`attach`](Self::attach) refuses.
+    pub fn set_need(self: &Arc<Self>, need: EdgePerm) -> Result<()> {
+        perm::refresh_with(&[self.node()], &[(self, need)])
+    }
+
     /// The role of the edge.
     pub fn role(&self) -> ChildRole {
         self.role
+    }
+
+    /// QEMU's name of the child (`file`, `image`, `backing`, `root`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// How the edge's needs follow from its parent's.
+    pub fn policy(&self) -> PermPolicy {
+        self.policy
+    }
+
+    /// Who holds the edge.
+    pub fn parent(&self) -> Parent {
+        self.parent
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Parent::User("an unnamed block device".into()))
+    }
+
+    /// The parent node's name, when a node holds the edge.
+    pub fn parent_node_name(&self) -> Option<String> {
+        match self.parent.get() {
+            Some(Parent::Node(n)) => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    /// What the edge needs and shares now.
+    pub fn perm(&self) -> EdgePerm {
+        *lock(&self.perm)
+    }
+
+    pub(crate) fn set_perm(&self, p: EdgePerm) {
+        *lock(&self.perm) = p;
+    }
+
+    /// Freezes the edge: [`crate::graph`] edits refuse to re-point it until unfrozen.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
+    }
+
+    /// Lets the edge be re-pointed again.
+    pub fn unfreeze(&self) {
+        self.frozen.store(false, Ordering::Release);
+    }
+
+    /// True while frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
     }
 
     /// The node the edge points to right now.
@@ -228,8 +388,12 @@ fn align_up(x: u64, a: u64) -> u64 {
 }
 
 impl BlockNode {
-    /// A node named `name` over `driver`.
+    /// A node named `name` over `driver`; the driver's child edges are now held by it.
     pub fn new(name: impl Into<String>, driver: Arc<dyn BlockDriver>) -> Arc<BlockNode> {
+        let name = name.into();
+        for child in driver.children() {
+            let _ = child.parent.set(Parent::Node(name.clone()));
+        }
         let mut facts = driver.facts();
         facts.request_alignment = facts.request_alignment.max(1);
         facts.max_transfer = match facts.max_transfer {
@@ -237,7 +401,7 @@ impl BlockNode {
             n => n.max(facts.request_alignment),
         };
         Arc::new(BlockNode {
-            name: name.into(),
+            name,
             driver,
             facts,
             gate: DrainGate::new(),
@@ -305,6 +469,27 @@ impl BlockNode {
     /// Facts of the driver, as the request path applies them.
     pub fn facts(&self) -> Facts {
         self.facts
+    }
+
+    /// Whether the node was opened read-write.
+    pub fn writable(&self) -> bool {
+        self.driver.writable()
+    }
+
+    pub(crate) fn driver_children(&self) -> Vec<Arc<Child>> {
+        self.driver.children()
+    }
+
+    pub(crate) fn prepare_perm(&self, p: EdgePerm) -> Result<()> {
+        self.driver.prepare_perm(p)
+    }
+
+    pub(crate) fn commit_perm(&self, p: EdgePerm) {
+        self.driver.commit_perm(p)
+    }
+
+    pub(crate) fn abort_perm(&self) {
+        self.driver.abort_perm()
     }
 
     /// The node's child in `role`, if any.
