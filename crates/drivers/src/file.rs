@@ -7,15 +7,15 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use block::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
-use block::{BlockDriver, BlockError, BlockStatus, Facts, ImageInfo, IoVec, Result};
-use block::{WriteFlags, ZeroFlags};
+use block::{BlockDriver, BlockError, BlockStatus, EdgePerm, ErrorKind, Facts, ImageInfo};
+use block::{IoVec, Perm, Result, WriteFlags, ZeroFlags};
 use bytes::BytesMut;
 
 /// Buffer alignment used for O_DIRECT, and the request alignment when probing finds none
@@ -37,6 +37,14 @@ fn probe_direct_alignment(file: &std::fs::File) -> u32 {
     DIRECT_ALIGN
 }
 
+/// The length of the file or block device behind `fd`.
+fn fd_len(fd: i32) -> std::io::Result<u64> {
+    // SAFETY: plain lseek on a descriptor the caller owns; SEEK_END answers the size of
+    // regular files and block devices alike, and the engine uses positioned I/O only.
+    let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    u64::try_from(end).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// How to open a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileOptions {
@@ -48,6 +56,10 @@ pub struct FileOptions {
     pub direct: bool,
     /// `cache.no-flush`: ignore flushes (QEMU's cache=unsafe); a host crash can lose data.
     pub no_flush: bool,
+    /// `locking`: take QEMU's image locks for what the node's parents need and refuse what
+    /// another process's locks forbid (see [`ImageLocks`]). `auto` and `on` are both true on
+    /// Linux, which has OFD locks.
+    pub locking: bool,
 }
 
 impl FileOptions {
@@ -58,7 +70,106 @@ impl FileOptions {
             read_only: false,
             direct: false,
             no_flush: false,
+            locking: true,
         }
+    }
+}
+
+/// QEMU's image locks: shared OFD byte-range locks on the image file, one byte per permission
+/// held (100 + bit) and one per permission not shared (200 + bit), so that QEMU, `qemu-img`,
+/// `qemu-io` and blockjobd refuse each other's conflicting uses of an image. OFD locks belong
+/// to the open file description, so two nodes on one file in one process conflict too, as
+/// they do in QEMU.
+#[derive(Debug, Default)]
+struct ImageLocks {
+    /// Bytes locked now, as permission sets.
+    locked_perm: Perm,
+    locked_unshared: Perm,
+}
+
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+
+fn ofd_lock(fd: i32, cmd: i32, kind: i32, offset: i64) -> std::io::Result<libc::flock> {
+    let mut fl = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: offset,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl on a descriptor we own with a valid, initialised flock.
+    let r = unsafe { libc::fcntl(fd, cmd, &mut fl as *mut libc::flock) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(fl)
+    }
+}
+
+/// True when another open file description holds a lock on byte `offset`.
+fn locked_elsewhere(fd: i32, offset: i64) -> std::io::Result<bool> {
+    let fl = ofd_lock(fd, libc::F_OFD_GETLK, libc::F_WRLCK, offset)?;
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+}
+
+fn lock_error(what: String, e: std::io::Error) -> BlockError {
+    match e.raw_os_error() {
+        // Someone else holds it: the common case, said without errno as QEMU says it.
+        Some(libc::EAGAIN | libc::EACCES) => BlockError::new(ErrorKind::InvalidArgument, what),
+        _ => BlockError::io(what, e),
+    }
+}
+
+impl ImageLocks {
+    /// Locks the bytes of `perm` and `unshared` not locked yet; with `unlock`, also unlocks
+    /// those locked but not wanted.
+    fn apply(&mut self, fd: i32, perm: Perm, unshared: Perm, unlock: bool) -> Result<()> {
+        for (base, want, locked) in [
+            (LOCK_PERM_BASE, perm, &mut self.locked_perm),
+            (LOCK_SHARED_BASE, unshared, &mut self.locked_unshared),
+        ] {
+            for (i, p) in Perm::ALL.each() {
+                let offset = base + i64::from(i);
+                if want.contains(p) && !locked.contains(p) {
+                    ofd_lock(fd, libc::F_OFD_SETLK, libc::F_RDLCK, offset)
+                        .map_err(|e| lock_error(format!("Failed to lock byte {offset}"), e))?;
+                    *locked |= p;
+                } else if unlock && locked.contains(p) && !want.contains(p) {
+                    ofd_lock(fd, libc::F_OFD_SETLK, libc::F_UNLCK, offset).map_err(|e| {
+                        BlockError::io(format!("Failed to unlock byte {offset}"), e)
+                    })?;
+                    *locked &= !p;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses `need` when another process (or another node) does not share a permission we
+    /// need, or holds one we do not share.
+    fn check(fd: i32, need: EdgePerm) -> Result<()> {
+        for (i, p) in need.perm.each() {
+            if locked_elsewhere(fd, LOCK_SHARED_BASE + i64::from(i))
+                .map_err(|e| BlockError::io("Failed to check lock", e))?
+            {
+                return Err(lock_error(
+                    format!("Failed to get \"{}\" lock", p.names()),
+                    std::io::Error::from_raw_os_error(libc::EAGAIN),
+                ));
+            }
+        }
+        for (i, p) in (!need.shared).each() {
+            if locked_elsewhere(fd, LOCK_PERM_BASE + i64::from(i))
+                .map_err(|e| BlockError::io("Failed to check lock", e))?
+            {
+                return Err(lock_error(
+                    format!("Failed to get shared \"{}\" lock", p.names()),
+                    std::io::Error::from_raw_os_error(libc::EAGAIN),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -80,6 +191,10 @@ pub struct FileDriver {
     /// Buffered reads ask the page cache on the caller's thread first (see
     /// [`IoEngine::read_at_cached_first`]); `None` for O_DIRECT.
     read_hint: Option<CacheHint>,
+    /// The image locks, when `locking` is on.
+    locks: Option<Mutex<ImageLocks>>,
+    /// What the node's parents need now (committed).
+    held: Mutex<EdgePerm>,
 }
 
 impl FileDriver {
@@ -106,19 +221,8 @@ impl FileDriver {
             1
         };
         let fd = OwnedFd::from(file);
-        let len = if meta.file_type().is_block_device() {
-            // SAFETY: plain lseek on a descriptor we own.
-            let end = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-            if end < 0 {
-                return Err(BlockError::io(
-                    format!("size of '{name}'"),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            end as u64
-        } else {
-            meta.len()
-        };
+        let len =
+            fd_len(fd.as_raw_fd()).map_err(|e| BlockError::io(format!("size of '{name}'"), e))?;
         let seekable_holes = meta.file_type().is_file();
         // BLOCKJOB_WRITE_LANE=0 leaves buffered writes to the kernel's inode lock, for
         // comparison (see the README's Performance section).
@@ -131,11 +235,13 @@ impl FileDriver {
             fd: Arc::new(fd),
             engine: ThreadPoolEngine::global(),
             len: AtomicU64::new(len),
-            options,
             seekable_holes,
             request_align,
             write_lane,
             read_hint,
+            locks: options.locking.then(Mutex::default),
+            held: Mutex::new(EdgePerm::FREE),
+            options,
         })
     }
 
@@ -150,6 +256,11 @@ impl FileDriver {
             .map_err(|e| BlockError::io(format!("Could not create '{name}'"), e))?;
         f.set_len(size)
             .map_err(|e| BlockError::io(format!("Could not resize '{name}'"), e))
+    }
+
+    /// The length of the file as the kernel has it now.
+    fn current_len(&self) -> std::io::Result<u64> {
+        fd_len(self.fd.as_raw_fd())
     }
 
     /// The file name it was opened with.
@@ -264,6 +375,58 @@ impl BlockDriver for FileDriver {
 
     fn writable(&self) -> bool {
         !self.options.read_only
+    }
+
+    fn prepare_perm(&self, need: EdgePerm) -> Result<()> {
+        let Some(locks) = &self.locks else {
+            return Ok(());
+        };
+        let fd = self.fd.as_raw_fd();
+        let held = *self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = locks.lock().unwrap_or_else(|p| p.into_inner());
+        if held.perm.contains(need.perm) && need.shared.contains(held.shared) {
+            // Only loosening: nothing to take, nothing to check.
+            return Ok(());
+        }
+        // Take the union of old and new first, so a refresh that fails later leaves the old
+        // locks in place; commit drops what is no longer needed.
+        let taken = st
+            .apply(
+                fd,
+                held.perm | need.perm,
+                !held.shared | !need.shared,
+                false,
+            )
+            .and_then(|()| ImageLocks::check(fd, need));
+        if taken.is_err() {
+            let _ = st.apply(fd, held.perm, !held.shared, true);
+        }
+        taken
+    }
+
+    fn commit_perm(&self, need: EdgePerm) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if !held.perm.intersects(Perm::WRITE | Perm::RESIZE) {
+            // Nobody wrote through this node, so another process may have: a new user (a
+            // format opened on it again) must see the file as it is now.
+            if let Ok(len) = self.current_len() {
+                self.len.store(len, Ordering::Release);
+            }
+        }
+        if let Some(locks) = &self.locks {
+            let mut st = locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Only unlocking is left to do, which does not fail but for a broken descriptor.
+            let _ = st.apply(self.fd.as_raw_fd(), need.perm, !need.shared, true);
+        }
+        *held = need;
+    }
+
+    fn abort_perm(&self) {
+        if let Some(locks) = &self.locks {
+            let held = *self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = locks.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = st.apply(self.fd.as_raw_fd(), held.perm, !held.shared, true);
+        }
     }
 
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {

@@ -100,6 +100,7 @@ async fn open_layer(
         read_only: !writable,
         direct: opts.direct,
         no_flush: opts.no_flush,
+        locking: true,
     };
     let file_node = BlockNode::new(
         format!("{}#file", path.display()),
