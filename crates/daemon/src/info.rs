@@ -36,7 +36,8 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     let driver = node.driver();
     let info = driver.image_info();
     let mut m = Map::new();
-    m.insert("virtual-size".into(), json!(node.len()));
+    // QEMU counts node lengths in 512-byte sectors, rounded up.
+    m.insert("virtual-size".into(), json!(node.len().div_ceil(512) * 512));
     m.insert("filename".into(), json!(entry.filename));
     if let Some(cluster) = driver.facts().cluster_size {
         m.insert("cluster-size".into(), json!(cluster));
