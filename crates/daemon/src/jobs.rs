@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use block::{BlockNode, Child, ChildRole};
+use block::{BlockNode, Child, ChildRole, EdgePerm, EdgeSpec, Parent, Perm};
 use drivers::file::FileDriver;
 use drivers::qcow2::{self, CreateOptions, Preallocation};
 use job::{ErrorAction, EventSink, IoOperation, JobContext, JobDriver, JobEvent, JobInfo};
@@ -128,7 +128,15 @@ impl CreateJob {
             CreateSpec::Invalid(why) => return Err(why.clone()),
             CreateSpec::Qcow2 { file, opts } => {
                 let node = file.clone()?;
-                let child = Child::new(ChildRole::File, node);
+                // Written and grown as QEMU's create does it: refused while a format uses
+                // the node (two allocators on one file) or another process locks the image.
+                let spec = EdgeSpec::new(
+                    ChildRole::Root,
+                    Parent::User("an unnamed block device".into()),
+                );
+                let need = EdgePerm::new(Perm::WRITE | Perm::RESIZE, Perm::ALL);
+                let child =
+                    Child::attach(spec, node, need).map_err(|e| crate::nodes::error_text(&e))?;
                 qcow2::create(&child, opts)
                     .await
                     .map_err(|e| crate::nodes::error_text(&e))?;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole};
+use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
+use block::{Parent, PermPolicy};
 use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
@@ -198,12 +199,13 @@ impl Nodes {
                     .map_or(inherit.discard_unmap, |d| d == "unmap"),
             };
             let driver = get_str(opts, "driver").unwrap_or_default().to_owned();
+            let parent = &name;
             let opened = match driver.as_str() {
                 "file" => self.open_file(opts, own)?,
                 "null-co" => open_null(opts, own),
-                "raw" => self.open_raw(opts, own, opening).await?,
-                "qcow2" => self.open_qcow2(opts, own, opening).await?,
-                "blkdebug" => self.open_blkdebug(opts, own, opening).await?,
+                "raw" => self.open_raw(opts, own, parent, opening).await?,
+                "qcow2" => self.open_qcow2(opts, own, parent, opening).await?,
+                "blkdebug" => self.open_blkdebug(opts, own, parent, opening).await?,
                 "nbd" => open_nbd(opts, own).await?,
                 other => {
                     return Err(QmpError::generic(format!(
@@ -250,11 +252,14 @@ impl Nodes {
 
     fn open_file(&self, opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened> {
         let filename = get_str(opts, "filename").unwrap_or_default();
+        // `auto` is `on`: Linux has OFD locks.
+        let locking = get_str(opts, "locking") != Some("off");
         let options = |read_only| FileOptions {
             filename: PathBuf::from(filename),
             read_only,
             direct: own.cache.direct,
             no_flush: own.cache.no_flush,
+            locking,
         };
         let (driver, read_only) = match FileDriver::open(options(own.read_only)) {
             Ok(d) => (d, own.read_only),
@@ -271,11 +276,14 @@ impl Nodes {
         })
     }
 
-    /// A child given by name or inline. A writer needs a writable child.
+    /// A child given by name or inline, attached to the node `parent` being opened: what the
+    /// parent needs of it (by `spec`'s policy, for a parent nobody uses yet) must be
+    /// compatible with the child's other parents, its writability and its image locks.
     async fn child(
         &mut self,
         value: &Value,
-        role: ChildRole,
+        spec: EdgeSpec,
+        parent_writable: bool,
         inherit: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<Arc<Child>> {
@@ -293,25 +301,23 @@ impl Nodes {
             Value::Object(m) => self.open(m, inherit, opening, false).await?,
             _ => return Err(QmpError::generic("Invalid child reference")),
         };
-        if !inherit.read_only && !node.driver().writable() {
-            return Err(QmpError::generic(format!(
-                "Block node '{}' is read-only",
-                node.name()
-            )));
-        }
-        Ok(Child::new(role, node))
+        let need = spec.policy.child_perm(parent_writable, EdgePerm::FREE);
+        Child::attach(spec, node, need).map_err(generic)
     }
 
-    /// The child under `key` of a format or filter node, with its file names.
+    /// The child under `key` of a format or filter node named `parent`, with its file names.
     async fn format_child(
         &mut self,
         opts: &Map<String, Value>,
-        key: &str,
+        key: &'static str,
+        spec: EdgeSpec,
         own: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<(Arc<Child>, String, Option<PathBuf>)> {
         let value = opts.get(key).unwrap_or(&Value::Null);
-        let child = self.child(value, ChildRole::File, own, opening).await?;
+        let child = self
+            .child(value, spec.named(key), !own.read_only, own, opening)
+            .await?;
         let (filename, host_file) = self.names_of(&child);
         Ok((child, filename, host_file))
     }
@@ -328,9 +334,18 @@ impl Nodes {
         &mut self,
         opts: &Map<String, Value>,
         own: Inherited,
+        parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let (file, filename, host_file) = self.format_child(opts, "file", own, opening).await?;
+        // With an offset or a size, raw holds data; without, it passes its users' needs on.
+        let policy = if opts.contains_key("offset") || opts.contains_key("size") {
+            PermPolicy::Data
+        } else {
+            PermPolicy::Filtered
+        };
+        let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into())).policy(policy);
+        let (file, filename, host_file) =
+            self.format_child(opts, "file", spec, own, opening).await?;
         let driver = RawDriver::new(
             file,
             get_u64(opts, "offset").unwrap_or(0),
@@ -350,19 +365,29 @@ impl Nodes {
         &mut self,
         opts: &Map<String, Value>,
         own: Inherited,
+        parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let (file, filename, host_file) = self.format_child(opts, "file", own, opening).await?;
+        let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into()));
+        let (file, filename, host_file) =
+            self.format_child(opts, "file", spec, own, opening).await?;
         let header = qcow2::read_header(&file).await.map_err(generic)?;
         let backing_inherit = Inherited {
             read_only: true,
             ..own
         };
+        let backing_spec = EdgeSpec::new(ChildRole::Backing, Parent::Node(parent.into()));
         let backing = match opts.get("backing") {
             Some(Value::Null) => None,
             Some(reference) => Some(
-                self.child(reference, ChildRole::Backing, backing_inherit, opening)
-                    .await?,
+                self.child(
+                    reference,
+                    backing_spec,
+                    !own.read_only,
+                    backing_inherit,
+                    opening,
+                )
+                .await?,
             ),
             None => match &header.backing_file {
                 None => None,
@@ -376,7 +401,16 @@ impl Nodes {
                             opening,
                         )
                         .await?;
-                    Some(Child::new(ChildRole::Backing, node))
+                    let need = backing_spec
+                        .policy
+                        .child_perm(!own.read_only, EdgePerm::FREE);
+                    let edge = Child::attach(backing_spec, node, need).map_err(|e| {
+                        QmpError::generic(format!(
+                            "Could not open backing file: {}",
+                            error_text(&e)
+                        ))
+                    })?;
+                    Some(edge)
                 }
             },
         };
@@ -437,9 +471,12 @@ impl Nodes {
         &mut self,
         opts: &Map<String, Value>,
         own: Inherited,
+        parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
-        let (image, filename, host_file) = self.format_child(opts, "image", own, opening).await?;
+        let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
+        let (image, filename, host_file) =
+            self.format_child(opts, "image", spec, own, opening).await?;
         let rules = opts
             .get("inject-error")
             .and_then(Value::as_array)
@@ -459,20 +496,32 @@ impl Nodes {
         })
     }
 
-    /// `blockdev-del`.
+    /// `blockdev-del`, with QEMU's checks in QEMU's order: a backend uses it, an overlay uses
+    /// it as its backing file, the monitor does not own it, another node uses it.
     pub async fn delete(&mut self, name: &str) -> QmpResult<()> {
         let entry = self.entries.get(name).ok_or_else(|| {
             QmpError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
-        if !entry.monitor_owned {
-            return Err(QmpError::generic(format!(
-                "Node {name} is not owned by the monitor"
-            )));
-        }
         let parents = entry.node.parents();
         if parents.iter().any(|p| p.role() == ChildRole::Root) {
             // A backend (an export, later a job) uses it: QEMU's "has a BlockBackend" case.
             return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        // The newest overlay's blocker is the one QEMU reports.
+        if let Some(overlay) = parents
+            .iter()
+            .rev()
+            .filter(|p| p.role() == ChildRole::Backing)
+            .find_map(|p| p.parent_node_name())
+        {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{overlay}'"
+            )));
+        }
+        if !entry.monitor_owned {
+            return Err(QmpError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         if !parents.is_empty() {
             return Err(QmpError::generic(format!("Block device {name} is in use")));

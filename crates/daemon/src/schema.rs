@@ -1,7 +1,7 @@
 //! What blockjobd implements, as a QMP schema: the one description behind argument checking,
 //! start-up option conversion and `query-qmp-schema`.
 //!
-//! Only what we honour is listed. A member QEMU has and we do not (`locking`, `aio=native`,
+//! Only what we honour is listed. A member QEMU has and we do not (`pr-manager`, `aio=native`,
 //! `detect-zeroes=on`, …) is therefore refused with QEMU's own "unexpected" or "does not
 //! accept value" message, and a feature prober sees it is absent.
 
@@ -80,6 +80,7 @@ fn blockdev_types(s: &mut Schema) {
         .enumeration("BlockdevDiscardOptions", &["ignore", "unmap"])
         .enumeration("BlockdevDetectZeroesOptions", &["off"])
         .enumeration("BlockdevAioOptions", &["threads"])
+        .enumeration("OnOffAuto", &["auto", "on", "off"])
         .object("BlockdevCacheOptions", &["*direct:bool", "*no-flush:bool"])
         .union(
             "BlockdevOptions",
@@ -104,7 +105,11 @@ fn blockdev_types(s: &mut Schema) {
         )
         .object(
             "BlockdevOptionsFile",
-            &["filename:str", "*aio:BlockdevAioOptions"],
+            &[
+                "filename:str",
+                "*locking:OnOffAuto",
+                "*aio:BlockdevAioOptions",
+            ],
         )
         .object("BlockdevOptionsNull", &["*size:size", "*read-zeroes:bool"])
         .object(

@@ -140,8 +140,8 @@ fn scenario() -> Vec<Step> {
         step(del("nosuch"), true),
         step(del("d0"), true),
         step(del("r1"), true),
-        // Opened once nothing writes a.qcow2 any more: QEMU's image locking would refuse it
-        // earlier, and blockjobd does not lock images yet (README, differences).
+        // Opened once nothing writes a.qcow2 any more (image locks refuse it earlier:
+        // permissions.rs).
         step(
             add(json!({"driver": "qcow2", "node-name": "top",
                         "file": {"driver": "file", "filename": "top.qcow2"}, "read-only": true})),

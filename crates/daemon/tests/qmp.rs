@@ -94,7 +94,7 @@ fn greeting_negotiation_and_introspection() {
         .collect();
     assert!(members.contains(&"filename"));
     assert!(
-        !members.contains(&"locking"),
+        !members.contains(&"pr-manager"),
         "unsupported members are absent"
     );
 }
@@ -273,8 +273,8 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
             "Parameter 'bogus' is unexpected",
         ),
         (
-            json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "plain.raw", "locking": "off"}}),
-            "Parameter 'locking' is unexpected",
+            json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "plain.raw", "pr-manager": "pr0"}}),
+            "Parameter 'pr-manager' is unexpected",
         ),
         (
             json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n0"}}),

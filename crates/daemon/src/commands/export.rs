@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{BlockBackend, BlockNode, ChildRole};
+use block::{BlockBackend, BlockNode, ChildRole, EdgePerm, Perm};
 use nbd::server::{Listener, MetaContext};
 use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
 use qmp::{QmpError, QmpResult};
@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use super::bitmap;
 use crate::control::Control;
 use crate::exports::{BitmapContext, RemoveMode};
+use crate::nodes::error_text;
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
@@ -129,18 +130,14 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
             "Cannot export read-only node as writable",
         ));
     }
+    // Attached as QEMU attaches it: first needing read (and write), sharing everything; the
+    // NBD export then stops sharing resize, below.
+    let mut need = EdgePerm::new(Perm::CONSISTENT_READ, Perm::ALL);
     if x.writable {
-        // A format node owns its file and backing children: writing under it corrupts it.
-        if let Some(parent) = node.parents().iter().find(|p| p.role() != ChildRole::Root) {
-            return Err(QmpError::generic(format!(
-                "Permission conflict on node '{}': permissions 'write' are both required by an unnamed block device (uses node '{}' as 'root' child) and unshared by its parent (uses node '{}' as '{}' child).",
-                x.node_name,
-                x.node_name,
-                x.node_name,
-                parent.role().name()
-            )));
-        }
+        need.perm |= Perm::WRITE;
     }
+    let backend =
+        BlockBackend::attach(node.clone(), "an unnamed block device", need).map_err(generic)?;
     let Some(server) = ctl.exports.server().cloned() else {
         return Err(QmpError::generic("NBD server not running"));
     };
@@ -159,11 +156,15 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
             "NBD server already has export named '{name}'"
         )));
     }
+    // Nothing may resize the node under a client.
+    backend
+        .set_need(EdgePerm::new(need.perm, !Perm::RESIZE))
+        .map_err(generic)?;
     let bitmaps = export_bitmaps(ctl, &node, &x)?;
     let export = Export::new(ExportConfig {
         name: name.to_owned(),
         description: description.to_owned(),
-        backend: BlockBackend::new(node),
+        backend,
         writable: x.writable,
         writethrough: x.writethrough,
         allocation_depth: x.allocation_depth,
@@ -325,4 +326,8 @@ pub fn nbd_server_remove(ctl: &mut Control, args: &Map<String, Value>) -> QmpRes
         .delete(name, mode(args))
         .map_err(QmpError::generic)?;
     Ok(json!({}))
+}
+
+fn generic(e: block::BlockError) -> QmpError {
+    QmpError::generic(error_text(&e))
 }
