@@ -86,14 +86,17 @@ fn make_images(dir: &Path) {
     qemu_img(&["create", "-f", "raw", "al.raw", "1M"], dir);
 }
 
-/// The same options on both daemons: a writable qcow2 export with allocation depth, a
-/// read-only raw export, and an O_DIRECT file export (minimum block size > 1).
+/// The same options on both daemons: a writable qcow2 export with allocation depth, the same
+/// disk read-only through a filter (blkdebug), a read-only raw export, and an O_DIRECT file
+/// export (minimum block size > 1).
 fn export_options(sock: &Path) -> Vec<String> {
     [
         "--blockdev",
         "driver=file,filename=top.qcow2,node-name=f",
         "--blockdev",
         "driver=qcow2,file=f,node-name=d",
+        "--blockdev",
+        "driver=blkdebug,image=d,node-name=bd",
         "--blockdev",
         "driver=file,filename=r.raw,node-name=r,read-only=on",
         "--blockdev",
@@ -104,6 +107,8 @@ fn export_options(sock: &Path) -> Vec<String> {
         "type=nbd,id=e,node-name=d,writable=on,allocation-depth=on,description=the disk",
         "--export",
         "type=nbd,id=r,node-name=r",
+        "--export",
+        "type=nbd,id=bd,node-name=bd,allocation-depth=on",
         "--export",
         "type=nbd,id=a,node-name=al,writable=on",
     ]
@@ -139,6 +144,39 @@ fn observe(program: &Path) -> Vec<(String, String)> {
             run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &d_uri])),
         ),
     ];
+    // Through a filter: the map must still show the backing file's data (sparse copiers
+    // skip what it calls a hole), and copies must equal the image.
+    let bd_uri = uri(&sock, "bd");
+    seen.push((
+        "filter: nbdinfo --map".to_owned(),
+        run(Command::new("nbdinfo").args(["--map", &bd_uri])),
+    ));
+    seen.push((
+        "filter: nbdinfo --map=qemu:allocation-depth".to_owned(),
+        run(Command::new("nbdinfo").args(["--map=qemu:allocation-depth", &bd_uri])),
+    ));
+    seen.push((
+        "filter: qemu-img map".to_owned(),
+        run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &bd_uri])),
+    ));
+    let copy = d.path("nbdcopy.raw");
+    run(Command::new("nbdcopy").arg(&bd_uri).arg(&copy));
+    let converted = d.path("convert.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &bd_uri])
+        .arg(&converted));
+    for (what, file) in [("nbdcopy", &copy), ("qemu-img convert", &converted)] {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+            .arg(file)
+            .arg(d.path("top.qcow2"))
+            .output()
+            .expect("qemu-img compare");
+        seen.push((
+            format!("filter: {what} copy vs image"),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ));
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/nbd_errnos.py");
     let edge = run(debian_python()
         .arg(script)

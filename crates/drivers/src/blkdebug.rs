@@ -121,10 +121,10 @@ impl BlockDriver for BlkdebugDriver {
     async fn flush(&self) -> Result<()> {
         self.image.flush().await
     }
+    /// The image's own status, host offsets included (they are offsets in the image's file,
+    /// which the map finds through this filter).
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        let mut st = self.image.block_status(offset, len).await?;
-        st.host_offset = None;
-        Ok(st)
+        self.image.block_status(offset, len).await
     }
 }
 
@@ -136,7 +136,7 @@ mod tests {
 
     fn node(rules: Vec<InjectError>) -> Arc<BlockNode> {
         let mem = BlockNode::new("mem", Arc::new(MemDriver::new(vec![0u8; 1 << 16])));
-        let image = Child::new(ChildRole::File, mem);
+        let image = Child::new(ChildRole::Filtered, mem);
         BlockNode::new("bd", Arc::new(BlkdebugDriver::new(image, rules, true)))
     }
 
