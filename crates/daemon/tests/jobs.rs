@@ -116,6 +116,11 @@ fn scenario() -> Vec<Value> {
             json!({"driver": "qcow2", "node-name": "q", "file": "fa"}),
         ),
         c("query-jobs", json!({})),
+        // Left concluded: quit dismisses it before its reply.
+        create(
+            "c11",
+            json!({"driver": "file", "filename": "last.img", "size": 1048576}),
+        ),
     ]
 }
 

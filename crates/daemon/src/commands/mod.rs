@@ -61,9 +61,11 @@ pub async fn execute(
         "query-block-jobs" => Ok(job::query_block_jobs(ctl).await),
         "blockdev-create" => job::blockdev_create(ctl, &arguments).await,
         "quit" => {
-            // Exports end first, while the monitors still listen: their BLOCK_EXPORT_DELETED
-            // events reach the client before the connection closes, as with QEMU.
+            // Exports end, then jobs are cancelled (concluded ones dismissed), while the
+            // monitors still listen: BLOCK_EXPORT_DELETED and the jobs' last
+            // JOB_STATUS_CHANGE events reach the client before quit's reply, as with QEMU.
             ctl.exports.shutdown().await;
+            ctl.jobs.cancel_all().await;
             ctl.shutdown.send_replace(true);
             Ok(json!({}))
         }
