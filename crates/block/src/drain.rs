@@ -2,14 +2,30 @@
 //!
 //! Every request through a node holds an [`InFlight`] guard. A [`Drained`] section stops new
 //! requests at the door and waits until those in flight have finished; it ends when the guard
-//! is dropped. Graph changes (inserting a filter, replacing a node) happen inside one.
+//! is dropped. Sections nest (a gate counts them). Graph changes (inserting a filter,
+//! replacing a node) happen inside one. The drainer itself may do I/O inside its section:
+//! futures run under [`Drained::run`] (or [`crate::graph::Section::run`]) pass the gates that
+//! section holds, at every node they reach.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+
+tokio::task_local! {
+    /// The gates whose drained sections the current task may pass (its own).
+    static PASS: Vec<usize>;
+}
+
+/// Runs `f` allowed through `gates` (and whatever the caller was already allowed through).
+pub(crate) async fn run_passing<F: Future>(gates: &[DrainGate], f: F) -> F::Output {
+    let mut pass: Vec<usize> = PASS.try_with(Clone::clone).unwrap_or_default();
+    pass.extend(gates.iter().map(DrainGate::id));
+    PASS.scope(pass, f).await
+}
 
 #[derive(Default)]
 struct Inner {
@@ -57,8 +73,22 @@ impl DrainGate {
         self.inner.in_flight.load(Ordering::Acquire)
     }
 
-    /// Enters a request, waiting while the gate is drained.
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
+    /// True while a drained section holds the gate.
+    pub fn is_drained(&self) -> bool {
+        self.inner.quiesce.load(Ordering::Acquire) > 0
+    }
+
+    /// Enters a request, waiting while the gate is drained (unless the current task runs
+    /// inside the section that drains it).
     pub async fn enter(&self) -> InFlight {
+        if self.is_drained() && PASS.try_with(|p| p.contains(&self.id())).unwrap_or(false) {
+            self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
+            return InFlight { gate: self.clone() };
+        }
         loop {
             let mut changed = pin!(self.inner.changed.notified());
             changed.as_mut().enable();
@@ -87,6 +117,17 @@ impl DrainGate {
             }
             changed.await;
         }
+    }
+}
+
+impl Drained {
+    /// Runs `f` inside the section: its requests pass this gate.
+    pub async fn run<F: Future>(&self, f: F) -> F::Output {
+        run_passing(std::slice::from_ref(&self.gate), f).await
+    }
+
+    pub(crate) fn gate(&self) -> &DrainGate {
+        &self.gate
     }
 }
 
@@ -130,5 +171,29 @@ mod tests {
         drop(drained);
         let r = tokio::time::timeout(Duration::from_secs(5), newcomer).await;
         assert!(r.is_ok());
+    }
+
+    #[tokio::test]
+    async fn sections_nest_and_their_owner_passes() {
+        let gate = DrainGate::new();
+        let outer = gate.drain().await;
+        let inner = gate.drain().await;
+        // The drainer's own I/O passes, even nested futures of it.
+        let passed = tokio::time::timeout(
+            Duration::from_secs(5),
+            inner.run(async { outer.run(gate.enter()).await }),
+        )
+        .await;
+        assert!(passed.is_ok(), "the section's owner is let in");
+        drop(passed);
+        drop(inner);
+        let g = gate.clone();
+        let other = tokio::spawn(async move { g.enter().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!other.is_finished(), "still drained by the outer section");
+        drop(outer);
+        assert!(tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .is_ok());
     }
 }

@@ -15,7 +15,7 @@
 //! edges as they were.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::{BitAnd, BitAndAssign, BitOr, BitOrAssign, Not};
 use std::sync::{Arc, Mutex};
@@ -264,32 +264,8 @@ pub(crate) fn release(nodes: &[Arc<BlockNode>]) {
     let _ = refresh(nodes);
 }
 
-/// `nodes` and everything below them, parents before children.
-fn topological(nodes: &[Arc<BlockNode>]) -> Vec<Arc<BlockNode>> {
-    fn visit(
-        node: &Arc<BlockNode>,
-        seen: &mut HashSet<*const BlockNode>,
-        out: &mut Vec<Arc<BlockNode>>,
-    ) {
-        if !seen.insert(Arc::as_ptr(node)) {
-            return;
-        }
-        for child in node.driver_children() {
-            visit(&child.node(), seen, out);
-        }
-        out.push(node.clone());
-    }
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for n in nodes {
-        visit(n, &mut seen, &mut out);
-    }
-    out.reverse();
-    out
-}
-
 fn refresh_locked(nodes: &[Arc<BlockNode>], changed: &[(&Arc<Child>, EdgePerm)]) -> Result<()> {
-    let order = topological(nodes);
+    let order = crate::graph::topological(nodes);
     let mut proposed: HashMap<*const Child, EdgePerm> = changed
         .iter()
         .map(|(edge, p)| (Arc::as_ptr(edge), *p))

@@ -92,7 +92,7 @@ async fn export_follows_a_filter_inserted_above_its_node() {
         .await
         .expect("write");
     let mut counting = None;
-    let filter = insert_filter(&node, |edge| {
+    let inserted = insert_filter(&node, |edge| {
         let c = Arc::new(Counting {
             child: edge,
             writes: AtomicU64::new(0),
@@ -130,7 +130,7 @@ async fn export_follows_a_filter_inserted_above_its_node() {
         1 << 20
     );
 
-    remove_filter(&filter).await.expect("remove");
+    remove_filter(&inserted).await.expect("remove");
     assert_eq!(export.backend().node().name(), "disk");
     client.flush().await.expect("flush");
 
