@@ -20,6 +20,17 @@ tokio::task_local! {
     static PASS: Vec<usize>;
 }
 
+/// `f`, to run where the current task's passes hold too (in a task spawned to finish it).
+pub(crate) fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    let pass = PASS.try_with(Clone::clone).ok();
+    async move {
+        match pass {
+            Some(pass) => PASS.scope(pass, f).await,
+            None => f.await,
+        }
+    }
+}
+
 /// Runs `f` allowed through `gates` (and whatever the caller was already allowed through).
 pub(crate) async fn run_passing<F: Future>(gates: &[DrainGate], f: F) -> F::Output {
     let mut pass: Vec<usize> = PASS.try_with(Clone::clone).unwrap_or_default();

@@ -34,6 +34,9 @@ pub struct Facts {
     /// Writes past the end extend the node (a protocol node under a format); reads past the
     /// end return zeroes.
     pub growable: bool,
+    /// Writes, write-zeroes, discards and flushes may update on-disk metadata (a format like
+    /// qcow2): once started they run to completion, whoever stops waiting for them.
+    pub updates_metadata: bool,
 }
 
 impl Default for Facts {
@@ -44,6 +47,7 @@ impl Default for Facts {
             max_transfer: 32 << 20,
             cluster_size: None,
             growable: false,
+            updates_metadata: false,
         }
     }
 }

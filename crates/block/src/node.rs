@@ -350,26 +350,36 @@ impl Child {
 
     /// Writes through the edge; see [`BlockNode::write`].
     pub async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
-        let (node, _in) = self.enter().await;
-        node.write_entered(offset, data, flags).await
+        let (node, in_flight) = self.enter().await;
+        node.modify(in_flight, move |n| async move {
+            n.write_entered(offset, data, flags).await
+        })
+        .await
     }
 
     /// Write-zeroes through the edge.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let (node, _in) = self.enter().await;
-        node.write_zeroes_entered(offset, len, flags).await
+        let (node, in_flight) = self.enter().await;
+        node.modify(in_flight, move |n| async move {
+            n.write_zeroes_entered(offset, len, flags).await
+        })
+        .await
     }
 
     /// Discard through the edge.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let (node, _in) = self.enter().await;
-        node.discard_entered(offset, len).await
+        let (node, in_flight) = self.enter().await;
+        node.modify(in_flight, move |n| async move {
+            n.discard_entered(offset, len).await
+        })
+        .await
     }
 
     /// Flush through the edge.
     pub async fn flush(&self) -> Result<()> {
-        let (node, _in) = self.enter().await;
-        node.driver.flush().await
+        let (node, in_flight) = self.enter().await;
+        node.modify(in_flight, |n| async move { n.driver.flush().await })
+            .await
     }
 
     /// Block status through the edge.
@@ -580,27 +590,80 @@ impl BlockNode {
     }
 
     /// Writes `data` at `offset`.
-    pub async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
-        let _in = self.gate.enter().await;
-        self.write_entered(offset, data, flags).await
+    pub async fn write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: IoVec,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let in_flight = self.gate.enter().await;
+        self.modify(in_flight, move |n| async move {
+            n.write_entered(offset, data, flags).await
+        })
+        .await
     }
 
     /// Makes `[offset, offset+len)` read as zero.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let _in = self.gate.enter().await;
-        self.write_zeroes_entered(offset, len, flags).await
+    pub async fn write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
+        let in_flight = self.gate.enter().await;
+        self.modify(in_flight, move |n| async move {
+            n.write_zeroes_entered(offset, len, flags).await
+        })
+        .await
     }
 
     /// Discards `[offset, offset+len)` (the aligned interior of it).
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _in = self.gate.enter().await;
-        self.discard_entered(offset, len).await
+    pub async fn discard(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        let in_flight = self.gate.enter().await;
+        self.modify(in_flight, move |n| async move {
+            n.discard_entered(offset, len).await
+        })
+        .await
     }
 
     /// Flushes the node.
-    pub async fn flush(&self) -> Result<()> {
-        let _in = self.gate.enter().await;
-        self.driver.flush().await
+    pub async fn flush(self: &Arc<Self>) -> Result<()> {
+        let in_flight = self.gate.enter().await;
+        self.modify(in_flight, |n| async move { n.driver.flush().await })
+            .await
+    }
+
+    /// Runs a request that may change the node. When the driver updates on-disk metadata
+    /// ([`Facts::updates_metadata`]), the request runs to completion in a task of its own even
+    /// if the caller stops waiting (a cancelled job drops its futures): no metadata update is
+    /// ever left half done in memory. It stays in flight meanwhile, so drained sections wait
+    /// for it, and it passes the gates its caller could pass.
+    async fn modify<F>(
+        self: &Arc<Self>,
+        in_flight: InFlight,
+        request: impl FnOnce(Arc<BlockNode>) -> F,
+    ) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let work = request(self.clone());
+        if !self.facts.updates_metadata {
+            let r = work.await;
+            drop(in_flight);
+            return r;
+        }
+        let task = tokio::spawn(crate::drain::carry(async move {
+            let _in_flight = in_flight;
+            work.await
+        }));
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(BlockError::new(
+                ErrorKind::Io,
+                format!("request on node '{}' did not finish: {e}", self.name),
+            )),
+        }
     }
 
     /// Block status of `[offset, offset+len)` from `offset` on.

@@ -95,6 +95,7 @@ impl BlockDriver for NbdDriver {
             max_transfer: info.max_block,
             cluster_size: None,
             growable: false,
+            updates_metadata: false,
         }
     }
 

@@ -162,6 +162,7 @@ impl BlockDriver for Qcow2Driver {
     fn facts(&self) -> Facts {
         Facts {
             cluster_size: Some(self.cs() as u32),
+            updates_metadata: self.writable,
             ..Facts::default()
         }
     }
