@@ -74,6 +74,13 @@ pub(crate) struct Meta {
     compressed_cursor: u64,
     /// A reference was dropped by a written-through L2 entry: sync before writing refcounts.
     sync_before_refcounts: bool,
+    /// Refcount blocks were written (on eviction, say) and not synced yet: sync before any
+    /// L2 table that may need them is written.
+    refblocks_unsynced: bool,
+    /// L1 entries changed in memory whose write has not completed (it failed): written again
+    /// at the next flush. A new table is durable before its L1 entry changes, so they may go
+    /// at any time.
+    l1_dirty: std::collections::BTreeSet<usize>,
 }
 
 fn be_u64s(bytes: &[u8]) -> Vec<u64> {
@@ -159,6 +166,8 @@ impl Meta {
             end_cluster: file_len.div_ceil(cs),
             compressed_cursor: 0,
             sync_before_refcounts: false,
+            refblocks_unsynced: false,
+            l1_dirty: std::collections::BTreeSet::new(),
         };
         meta.validate_tables(file_len)?;
         Ok(meta)
@@ -253,21 +262,27 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes the given dirty L2 tables, after the refcounts they depend on.
+    /// Writes the given dirty L2 tables, after the refcounts they depend on are durable. A
+    /// table is clean only once its write completed: stopped or failed half way, it stays
+    /// dirty and is written again.
     async fn write_back_l2(&mut self, tables: &[u64]) -> Result<()> {
-        if self.flush_refblocks().await? {
+        self.flush_refblocks().await?;
+        if self.refblocks_unsynced {
             self.file.flush().await?;
+            self.refblocks_unsynced = false;
         }
         for &off in tables {
-            let Some(t) = self.l2.get_mut(&off) else {
+            let Some(t) = self.l2.get(&off) else {
                 continue;
             };
             if !t.dirty {
                 continue;
             }
             let bytes = to_be_bytes(&t.data);
-            t.dirty = false;
             self.write_bytes(off, bytes).await?;
+            if let Some(t) = self.l2.get_mut(&off) {
+                t.dirty = false;
+            }
         }
         Ok(())
     }
@@ -341,19 +356,28 @@ impl Meta {
         let new = self.alloc_clusters(1).await?;
         self.flush_refblocks().await?;
         self.write_bytes(new, to_be_bytes(&content)).await?;
+        // The table and its refcount are durable before the L1 entry points to it.
         self.file.flush().await?;
+        self.refblocks_unsynced = false;
         self.make_room_l2().await?;
         self.l2.insert(new, Cached::clean(content, self.tick));
         self.l1[i] = new | COPIED;
-        let l1_entry_off = self.header.l1_table_offset + i as u64 * 8;
-        self.write_bytes(l1_entry_off, self.l1[i].to_be_bytes().to_vec())
-            .await?;
+        self.l1_dirty.insert(i);
+        self.write_l1_entry(i).await?;
         if old != 0 {
             // The table was shared with a snapshot: the active L1 no longer uses it.
             self.sync_before_refcounts = true;
             self.update_refcount(old / self.cs, -1).await?;
         }
         Ok(new)
+    }
+
+    async fn write_l1_entry(&mut self, i: usize) -> Result<()> {
+        let off = self.header.l1_table_offset + i as u64 * 8;
+        self.write_bytes(off, self.l1[i].to_be_bytes().to_vec())
+            .await?;
+        self.l1_dirty.remove(&i);
+        Ok(())
     }
 
     // ---- refcounts -----------------------------------------------------------------------
@@ -466,13 +490,16 @@ impl Meta {
             self.file.flush().await?;
             self.sync_before_refcounts = false;
         }
+        self.refblocks_unsynced = true;
         for off in dirty {
-            let Some(b) = self.rb.get_mut(&off) else {
+            let Some(b) = self.rb.get(&off) else {
                 continue;
             };
             let data = b.data.clone();
-            b.dirty = false;
             self.write_bytes(off, data).await?;
+            if let Some(b) = self.rb.get_mut(&off) {
+                b.dirty = false;
+            }
         }
         Ok(true)
     }
@@ -497,6 +524,8 @@ impl Meta {
         let mut data = vec![0u8; self.cs as usize];
         set_refcount(&mut data, 0, self.header.refcount_order, 1);
         self.write_bytes(off, data.clone()).await?;
+        // The block is durable before the table entry that points to it.
+        self.file.flush().await?;
         self.rt[bi as usize] = off;
         let entry_off = self.header.refcount_table_offset + bi * 8;
         self.write_bytes(entry_off, off.to_be_bytes().to_vec())
@@ -722,8 +751,13 @@ impl Meta {
         Ok(off)
     }
 
-    /// Writes back every dirty table (refcounts, sync, L2). The caller syncs the file after.
+    /// Writes back every dirty table (refcounts, sync, L2, L1 entries). The caller syncs the
+    /// file after.
     pub async fn flush(&mut self) -> Result<()> {
+        let pending: Vec<usize> = self.l1_dirty.iter().copied().collect();
+        for i in pending {
+            self.write_l1_entry(i).await?;
+        }
         let dirty: Vec<u64> = self
             .l2
             .iter()
