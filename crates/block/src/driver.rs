@@ -57,6 +57,29 @@ impl Default for Facts {
 pub struct WriteFlags {
     /// Force unit access: the data is on stable storage when the write completes.
     pub fua: bool,
+    /// Store the data compressed (backup `compress=true`, `copy -c`): only on nodes whose
+    /// driver writes compressed clusters, in whole clusters from a cluster boundary (the last
+    /// one may end at the end of the node). Goes through gates, hooks and bitmaps like any
+    /// write.
+    pub compressed: bool,
+}
+
+impl WriteFlags {
+    /// Plain write with force unit access.
+    pub fn fua() -> Self {
+        Self {
+            fua: true,
+            ..Self::default()
+        }
+    }
+
+    /// Compressed write.
+    pub fn compressed() -> Self {
+        Self {
+            compressed: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// Options of a write-zeroes request.

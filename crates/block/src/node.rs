@@ -461,9 +461,35 @@ impl BlockNode {
         &self.name
     }
 
-    /// The driver.
-    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
-        &self.driver
+    /// The driver's name as QEMU spells it (`file`, `qcow2`, …).
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.driver_name()
+    }
+
+    /// Facts for `info`.
+    pub fn image_info(&self) -> crate::driver::ImageInfo {
+        self.driver.image_info()
+    }
+
+    /// Whether the image stores persistent dirty bitmaps (qcow2).
+    pub fn stores_bitmaps(&self) -> bool {
+        self.driver.stores_bitmaps()
+    }
+
+    /// Whether the node takes compressed writes ([`WriteFlags::compressed`]).
+    pub fn supports_compressed(&self) -> bool {
+        self.driver.as_compressed_writer().is_some() && self.facts.cluster_size.is_some()
+    }
+
+    /// The node's child edges (file, backing, filtered).
+    pub fn children(&self) -> Vec<Arc<Child>> {
+        self.driver.children()
+    }
+
+    /// Removes persistent bitmap `name` from the image at once.
+    pub async fn remove_stored_bitmap(&self, name: &str) -> Result<()> {
+        let _in = self.gate.enter().await;
+        self.driver.remove_stored_bitmap(name).await
     }
 
     /// Length in bytes.
@@ -748,8 +774,14 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
+        if flags.compressed {
+            self.check_compressed(offset, len)?;
+        }
         self.run_hooks(offset, len, WriteKind::Write).await?;
         let _mark = self.mark_dirty_after(offset, len);
+        if flags.compressed {
+            return self.write_compressed_clusters(offset, data).await;
+        }
         let align = u64::from(self.facts.request_alignment);
         if align == 1 {
             return self.write_chunks(offset, data, flags).await;
@@ -783,6 +815,46 @@ impl BlockNode {
             padded.push(tail.freeze().slice((offset + len - tail_start) as usize..));
         }
         self.write_chunks(start, padded, flags).await
+    }
+
+    /// A compressed write must be whole clusters of a driver that compresses.
+    fn check_compressed(&self, offset: u64, len: u64) -> Result<()> {
+        let (Some(_), Some(cs)) = (
+            self.driver.as_compressed_writer(),
+            self.facts.cluster_size.map(u64::from),
+        ) else {
+            return Err(BlockError::unsupported(format!(
+                "Compression is not supported for this drive {}",
+                self.name
+            )));
+        };
+        let end = offset + len;
+        if offset % cs != 0 || (end % cs != 0 && end != self.len()) {
+            return Err(BlockError::invalid(format!(
+                "compressed write at offset {offset} length {len} of node '{}' is not in whole {cs}-byte clusters",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write_compressed_clusters(&self, offset: u64, data: IoVec) -> Result<()> {
+        let (Some(writer), Some(cs)) = (
+            self.driver.as_compressed_writer(),
+            self.facts.cluster_size.map(|c| c as usize),
+        ) else {
+            return Err(BlockError::unsupported("no compressed writes"));
+        };
+        let data = data.to_bytes();
+        let mut at = 0;
+        while at < data.len() {
+            let n = cs.min(data.len() - at);
+            writer
+                .write_compressed(offset + at as u64, data.slice(at..at + n))
+                .await?;
+            at += n;
+        }
+        Ok(())
     }
 
     async fn write_chunks(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {

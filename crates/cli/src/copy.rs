@@ -187,16 +187,22 @@ async fn write_compressed(
     data: bytes::Bytes,
     cs: u64,
 ) -> Result<()> {
-    let writer = dst
-        .driver()
-        .as_compressed_writer()
-        .ok_or_else(|| BlockError::unsupported("the target format has no compressed clusters"))?;
+    if !dst.supports_compressed() {
+        return Err(BlockError::unsupported(
+            "the target format has no compressed clusters",
+        ));
+    }
     let mut at = 0;
     while at < data.len() {
         let n = (cs as usize).min(data.len() - at);
         let piece = data.slice(at..at + n);
         if !block::buf::is_zero(&piece) {
-            writer.write_compressed(off + at as u64, piece).await?;
+            dst.write(
+                off + at as u64,
+                IoVec::from(piece),
+                WriteFlags::compressed(),
+            )
+            .await?;
         }
         at += n;
     }

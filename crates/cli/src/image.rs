@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 /// `info` as JSON, shaped like `qemu-img info --output=json`.
 pub fn info_json(node: &Arc<BlockNode>) -> Value {
-    let info = node.driver().image_info();
+    let info = node.image_info();
     let mut v = Map::new();
     v.insert("virtual-size".into(), json!(node.len()));
     v.insert("filename".into(), json!(node.name()));

@@ -33,16 +33,15 @@ fn backing_depth(node: &Arc<BlockNode>) -> u64 {
 /// ImageInfo of `entry`'s node; with `chain`, the backing images nest as `backing-image`.
 fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     let node = &entry.node;
-    let driver = node.driver();
-    let info = driver.image_info();
+    let info = node.image_info();
     let mut m = Map::new();
     // QEMU counts node lengths in 512-byte sectors, rounded up.
     m.insert("virtual-size".into(), json!(node.len().div_ceil(512) * 512));
     m.insert("filename".into(), json!(entry.filename));
-    if let Some(cluster) = driver.facts().cluster_size {
+    if let Some(cluster) = node.facts().cluster_size {
         m.insert("cluster-size".into(), json!(cluster));
     }
-    m.insert("format".into(), json!(driver.driver_name()));
+    m.insert("format".into(), json!(node.driver_name()));
     if let Some(size) = entry
         .host_file
         .as_ref()
@@ -51,7 +50,7 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     {
         m.insert("actual-size".into(), json!(size));
     }
-    if matches!(driver.driver_name(), "qcow2" | "file") {
+    if matches!(node.driver_name(), "qcow2" | "file") {
         let data: Map<String, Value> = info
             .specific
             .iter()
@@ -59,7 +58,7 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
             .collect();
         m.insert(
             "format-specific".into(),
-            json!({"type": driver.driver_name(), "data": data}),
+            json!({"type": node.driver_name(), "data": data}),
         );
     }
     m.insert("dirty-flag".into(), json!(info.dirty));
@@ -90,7 +89,7 @@ pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value 
     m.insert("file".into(), json!(entry.filename));
     m.insert("node-name".into(), json!(node.name()));
     m.insert("ro".into(), json!(entry.read_only));
-    m.insert("drv".into(), json!(node.driver().driver_name()));
+    m.insert("drv".into(), json!(node.driver_name()));
     if let Some(backing) = backing_of(node) {
         let name = nodes
             .entry_of(&backing)

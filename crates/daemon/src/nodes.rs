@@ -542,7 +542,6 @@ impl Nodes {
             };
             let children: Vec<String> = entry
                 .node
-                .driver()
                 .children()
                 .iter()
                 .map(|c| c.node().name().to_owned())

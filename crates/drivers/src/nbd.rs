@@ -134,7 +134,10 @@ impl BlockDriver for NbdDriver {
             while at < offset + len {
                 let n = (offset + len - at).min(max);
                 let zeroes = IoVec::from(vec![0u8; n as usize]);
-                let wf = WriteFlags { fua: flags.fua };
+                let wf = WriteFlags {
+                    fua: flags.fua,
+                    ..WriteFlags::default()
+                };
                 self.write(at, zeroes, wf).await?;
                 at += n;
             }

@@ -335,7 +335,15 @@ async fn run_op(node: Arc<BlockNode>, op: Op) -> Result<Option<Bytes>, String> {
                 iov.push(data.slice(at..end));
                 at = end;
             }
-            node.write(off, iov, WriteFlags { fua }).await
+            node.write(
+                off,
+                iov,
+                WriteFlags {
+                    fua,
+                    ..WriteFlags::default()
+                },
+            )
+            .await
         }
         Op::Zeroes { off, len, unmap } => {
             let flags = ZeroFlags {

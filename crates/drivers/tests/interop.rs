@@ -394,3 +394,53 @@ async fn bitmaps_nobody_loaded_are_left_in_use() {
         "{v}"
     );
 }
+
+/// Compressed writes go through the request path: whole clusters only, recorded in the
+/// node's bitmaps, refused by nodes that cannot compress; QEMU reads them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_writes_go_through_the_request_path() {
+    let dir = tmp();
+    let img = p(&dir, "c.qcow2");
+    create_qcow2(&img, &CreateOptions::new(1 << 20)).await;
+    let node = open_rw(&img).await;
+    node.bitmaps()
+        .push(bitmap::DirtyBitmap::new(Some("b".into()), 1 << 20, 65536).expect("bitmap"));
+    let data = IoVec::from(vec![0x5au8; 131072]);
+    node.write(65536, data, WriteFlags::compressed())
+        .await
+        .expect("compressed write");
+    let misaligned = node
+        .write(512, IoVec::from(vec![1u8; 65536]), WriteFlags::compressed())
+        .await
+        .expect_err("not a cluster boundary");
+    assert_eq!(misaligned.kind(), block::ErrorKind::InvalidArgument);
+    assert_eq!(
+        node.bitmaps()[0].dirty_bytes(),
+        131072,
+        "marked like any write"
+    );
+    node.close().await.expect("close");
+    check_clean(&img);
+    qemu_read_pattern(&img, "qcow2", 0x5a, 65536, 131072);
+    let map = qemu_ok("qemu-img", &["map", "--output=json", s(&img)]);
+    assert!(map.contains("\"compressed\": true"), "{map}");
+    let raw = p(&dir, "r.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("raw");
+    let node = drivers::open::open_image(
+        &raw,
+        Some(drivers::open::Format::Raw),
+        &drivers::open::OpenOptions::default(),
+    )
+    .await
+    .expect("open raw");
+    let refused = node
+        .write(0, IoVec::from(vec![1u8; 65536]), WriteFlags::compressed())
+        .await
+        .expect_err("raw cannot compress");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("Compression is not supported for this drive"),
+        "{refused}"
+    );
+}

@@ -915,7 +915,14 @@ async fn serve_request(session: &Session, writer: &Writer, req: Request, payload
         cmd::WRITE => {
             let data = IoVec::from(payload.unwrap_or_default());
             backend
-                .write(req.offset, data, WriteFlags { fua })
+                .write(
+                    req.offset,
+                    data,
+                    WriteFlags {
+                        fua,
+                        ..WriteFlags::default()
+                    },
+                )
                 .await
                 .map_err(Fail::from)
         }

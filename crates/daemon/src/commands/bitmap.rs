@@ -69,15 +69,12 @@ impl Undo {
                 persistent
             };
             if persistent {
-                node.driver()
-                    .remove_stored_bitmap(&name)
-                    .await
-                    .map_err(|e| {
-                        QmpError::generic(format!(
-                            "Failed to remove bitmap '{name}' from the image: {}",
-                            crate::nodes::error_text(&e)
-                        ))
-                    })?;
+                node.remove_stored_bitmap(&name).await.map_err(|e| {
+                    QmpError::generic(format!(
+                        "Failed to remove bitmap '{name}' from the image: {}",
+                        crate::nodes::error_text(&e)
+                    ))
+                })?;
             }
         }
         Ok(())
@@ -159,7 +156,7 @@ fn use_bitmap<T>(
 /// The granularity QEMU picks when none is given: the cluster size within [4 KiB, 64 KiB], or
 /// 64 KiB for nodes without clusters.
 fn default_granularity(node: &BlockNode) -> u64 {
-    match node.driver().facts().cluster_size {
+    match node.facts().cluster_size {
         Some(c) if c > 0 => u64::from(c).clamp(4096, 65536),
         _ => 65536,
     }
@@ -181,9 +178,9 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     };
     let persistent = args.get("persistent").and_then(Value::as_bool) == Some(true);
     if persistent {
-        let why = if !node.driver().stores_bitmaps() {
+        let why = if !node.stores_bitmaps() {
             Some("Operation not supported")
-        } else if !node.driver().writable() {
+        } else if !node.writable() {
             Some("the node is read-only")
         } else {
             None
