@@ -125,6 +125,7 @@ pub async fn replace_node(
 ) -> Result<Vec<Arc<Child>>> {
     check_sizes(old, new)?;
     let _section = drained(&[new.clone(), old.clone()]).await;
+    tracing::debug!(target: "graph_edit", old = old.name(), new = new.name(), "replace node");
     let edges: Vec<Arc<Child>> = old
         .parents()
         .into_iter()
@@ -160,6 +161,7 @@ fn repoint_all(old: &Arc<BlockNode>, new: &Arc<BlockNode>, edges: &[Arc<Child>])
         edge.repoint(new);
     }
     if let Err(e) = perm::refresh(&[new.clone(), old.clone()]) {
+        tracing::debug!(target: "graph_edit", "undone: {e}");
         for edge in edges {
             edge.repoint(old);
         }
@@ -203,6 +205,7 @@ pub async fn remove_filter(inserted: &Inserted) -> Result<Arc<BlockNode>> {
     let below = child.node();
     check_sizes(filter, &below)?;
     let _section = drained(&[filter.clone(), below.clone()]).await;
+    tracing::debug!(target: "graph_edit", filter = filter.name(), below = below.name(), "remove filter");
     let edges: Vec<Arc<Child>> = inserted
         .moved
         .iter()

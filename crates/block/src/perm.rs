@@ -310,6 +310,7 @@ fn refresh_locked(nodes: &[Arc<BlockNode>], changed: &[(&Arc<Child>, EdgePerm)])
         }
     }
     if let Err(e) = outcome {
+        tracing::debug!(target: "perm", "refused: {e}");
         for node in prepared {
             node.abort_perm();
         }

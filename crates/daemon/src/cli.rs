@@ -40,6 +40,13 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
   --object <options>        no object types are supported yet
   --pidfile <path>          write the process ID to <path>
   --daemonize               detach once start-up succeeded
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                            log the trace points matching <pattern> (* and ?
+                            wildcards, a leading - disables) at every level, to
+                            <file> (default stderr); events=<file> reads patterns,
+                            one a line; --trace help lists the trace points
+  --log-level error|warn|info|debug|trace
+                            log everything at that level or above (default warn)
 
 Values use QEMU's key=value syntax: ',,' is a literal comma, dotted keys nest
 (file.filename=a.img). Options are applied in order; an invalid one stops start-up
@@ -53,6 +60,8 @@ pub enum Action {
     Help,
     /// Print the version.
     Version,
+    /// List the trace points (`--trace help`).
+    TraceHelp,
     /// Run the daemon.
     Run(Config),
 }
@@ -66,6 +75,8 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     /// `--daemonize`.
     pub daemonize: bool,
+    /// `--trace` and `--log-level`.
+    pub trace: crate::trace::TraceConfig,
 }
 
 /// Where a chardev listens.
@@ -142,6 +153,7 @@ const WITH_VALUE: &[&str] = &[
     "object",
     "pidfile",
     "trace",
+    "log-level",
 ];
 
 /// Parses the arguments after the program name.
@@ -158,6 +170,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Action, CliError>
             }
             _ => {}
         }
+        let arg = if arg == "-T" {
+            "--trace".to_owned()
+        } else {
+            arg
+        };
         let Some(long) = arg.strip_prefix("--") else {
             return Err(CliError(format!("Unexpected argument: {arg}")));
         };
@@ -172,8 +189,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Action, CliError>
             Some(v) => v,
             None => return Err(CliError(format!("option '--{name}' requires an argument"))),
         };
+        if name == "trace" && matches!(value.as_str(), "help" | "enable=help") {
+            return Ok(Action::TraceHelp);
+        }
         apply(&mut config, name, &value)?;
     }
+    crate::trace::check_patterns(&config.trace.patterns).map_err(|e| err("trace", e))?;
     Ok(Action::Run(config))
 }
 
@@ -203,10 +224,35 @@ fn apply(config: &mut Config, name: &str, value: &str) -> Result<(), CliError> {
             ));
         }
         "pidfile" => config.pidfile = Some(PathBuf::from(value)),
-        "trace" => return Err(err(name, "tracing is not supported by blockjobd")),
+        "trace" => trace(config, value)?,
+        "log-level" => {
+            config.trace.level = crate::trace::parse_level(value).map_err(|e| err(name, e))?;
+        }
         _ => return Err(CliError(format!("unrecognized option '--{name}'"))),
     }
     Ok(())
+}
+
+/// `--trace [[enable=]<pattern>][,events=<file>][,file=<file>]`.
+fn trace(config: &mut Config, value: &str) -> Result<(), CliError> {
+    let (mut m, _) = keyval::parse_option(value, Some("enable")).map_err(|e| err("trace", e))?;
+    if let Some(p) = take_str(&mut m, "enable") {
+        config.trace.patterns.push(p);
+    }
+    if let Some(events) = take_str(&mut m, "events") {
+        let text = std::fs::read_to_string(&events)
+            .map_err(|e| err("trace", format!("cannot read '{events}': {e}")))?;
+        config.trace.patterns.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    if let Some(file) = take_str(&mut m, "file") {
+        config.trace.file = Some(PathBuf::from(file));
+    }
+    no_leftovers(&m, "trace")
 }
 
 fn take_str(m: &mut Map<String, Value>, key: &str) -> Option<String> {
@@ -307,6 +353,35 @@ mod tests {
             Action::Run(c) => Ok(c),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn trace_and_log_level() {
+        let c = run(&[
+            "-T",
+            "qmp*",
+            "--trace",
+            "enable=job*,file=/tmp/t.log",
+            "--log-level",
+            "info",
+        ])
+        .expect("ok");
+        assert_eq!(c.trace.patterns, ["qmp*", "job*"]);
+        assert_eq!(c.trace.file, Some(PathBuf::from("/tmp/t.log")));
+        assert_eq!(c.trace.level, tracing::Level::INFO);
+        assert!(matches!(
+            parse(["--trace".to_owned(), "help".to_owned()]),
+            Ok(Action::TraceHelp)
+        ));
+        let e = run(&["--trace", "bdrv_co_pwritev"]).expect_err("QEMU's event");
+        assert!(
+            e.0.starts_with("--trace: trace pattern 'bdrv_co_pwritev' matches none"),
+            "{e}"
+        );
+        let e = run(&["--trace", "qmp*,bogus=1"]).expect_err("bad key");
+        assert_eq!(e.0, "--trace: Parameter 'bogus' is unexpected");
+        let e = run(&["--log-level", "loud"]).expect_err("bad level");
+        assert!(e.0.starts_with("--log-level: log level 'loud'"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ struct Call {
     command: String,
     arguments: Map<String, Value>,
     reply: oneshot::Sender<QmpResult<Value>>,
+    /// The monitor's span for the command: what the loop logs while running it belongs to it.
+    span: tracing::Span,
 }
 
 /// The sending side of the control loop: what monitors dispatch through.
@@ -100,7 +102,12 @@ impl Control {
                     },
                     _ = stop.changed() => continue,
                 };
-                let result = self.execute(&call.command, call.arguments).await;
+                let result = {
+                    use tracing::Instrument;
+                    self.execute(&call.command, call.arguments)
+                        .instrument(call.span)
+                        .await
+                };
                 // The caller may have gone (client disconnected mid-command): nothing to do.
                 let _ = call.reply.send(result);
             }
@@ -118,6 +125,7 @@ impl qmp::Dispatcher for ControlHandle {
             command: command.to_owned(),
             arguments,
             reply,
+            span: tracing::Span::current(),
         };
         let gone = || QmpError::generic("blockjobd is shutting down");
         self.0.send(call).await.map_err(|_| gone())?;

@@ -19,3 +19,4 @@ pub mod keyval;
 pub mod nodes;
 pub mod schema;
 pub mod server;
+pub mod trace;

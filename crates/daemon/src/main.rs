@@ -28,12 +28,20 @@ fn main() {
             );
             0
         }
+        Action::TraceHelp => {
+            print!("{}", daemon::trace::help());
+            0
+        }
         Action::Run(config) => run(config),
     };
     std::process::exit(status);
 }
 
 fn run(config: cli::Config) -> i32 {
+    if let Err(e) = daemon::trace::init(&config.trace) {
+        eprintln!("blockjobd: {e}");
+        return 1;
+    }
     let notify = if config.daemonize {
         match daemonize() {
             Ok(fd) => Some(fd),

@@ -547,7 +547,7 @@ impl Nodes {
                 .map(|c| c.node().name().to_owned())
                 .collect();
             if let Err(e) = entry.node.close().await {
-                eprintln!("blockjobd: closing node '{name}': {}", error_text(&e));
+                tracing::error!(target: "blockjobd", "closing node '{name}': {}", error_text(&e));
             }
             drop(entry);
             for child in children {
@@ -573,13 +573,13 @@ impl Nodes {
                 .collect();
             if roots.is_empty() {
                 // Only possible with a reference cycle, which blockdev-add cannot build.
-                eprintln!("blockjobd: nodes left with parents at shutdown");
+                tracing::error!(target: "blockjobd", "nodes left with parents at shutdown");
                 return;
             }
             for name in roots {
                 if let Some(entry) = self.entries.remove(&name) {
                     if let Err(e) = entry.node.close().await {
-                        eprintln!("blockjobd: closing node '{name}': {}", error_text(&e));
+                        tracing::error!(target: "blockjobd", "closing node '{name}': {}", error_text(&e));
                     }
                 }
             }

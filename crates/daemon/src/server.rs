@@ -207,7 +207,7 @@ async fn serve_monitor(
                 c = chardev.listener.accept() => match c {
                     Ok(c) => c,
                     Err(e) => {
-                        eprintln!("blockjobd: accepting a QMP client: {e}");
+                        tracing::warn!(target: "blockjobd", "accepting a QMP client: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -312,7 +312,7 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
     match control_task.await {
         Ok(mut control) => control.close_all().await,
         Err(e) => {
-            eprintln!("blockjobd: control loop failed: {e}");
+            tracing::error!(target: "blockjobd", "control loop failed: {e}");
             status = 1;
         }
     }

@@ -533,3 +533,31 @@ fn daemonize_returns_once_ready() {
         "a failed start-up is reported by the parent"
     );
 }
+
+/// `--trace` logs the trace points its patterns match, to the file it names: a failed
+/// command's error, inside the command's span.
+#[test]
+fn trace_logs_matching_trace_points_to_a_file() {
+    let d = Daemon::ours(&["--trace", "enable=qmp*,file=trace.log"]);
+    let mut c = d.client();
+    let r = c.cmd("blockdev-del", json!({"node-name": "nosuch"}));
+    assert_eq!(
+        r["error"]["desc"],
+        "Failed to find node with node-name='nosuch'"
+    );
+    c.cmd("quit", json!({}));
+    let mut d = d;
+    d.wait();
+    let log = std::fs::read_to_string(d.path("trace.log")).expect("trace file");
+    assert!(
+        log.contains("qmp_command{command=blockdev-del}")
+            && log.contains("Failed to find node with node-name='nosuch'"),
+        "{log}"
+    );
+    let out = std::process::Command::new(common::blockjobd())
+        .args(["--trace", "help"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("job_state_transition"));
+}

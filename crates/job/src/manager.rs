@@ -386,12 +386,16 @@ fn transition(events: &EventSink, job: &mut JobRec, to: JobStatus) {
     if !transition_allowed(job.status, to) {
         // A bug in the manager, never the user's doing: report it and carry on rather than
         // take the daemon down.
-        eprintln!(
-            "blockjobd: job '{}': transition {} -> {} is not in the table",
-            job.id, job.status, to
+        tracing::error!(
+            target: "blockjobd",
+            "job '{}': transition {} -> {} is not in the table",
+            job.id,
+            job.status,
+            to
         );
         debug_assert!(false, "illegal job transition {} -> {}", job.status, to);
     }
+    tracing::debug!(target: "job_state_transition", id = %job.id, from = %job.status, to = %to);
     job.status = to;
     events(JobEvent::StatusChange {
         id: job.id.clone(),
@@ -514,10 +518,17 @@ impl JobManager {
         let mgr = self.clone();
         let id = job.id.clone();
         let bound = self.inner.cancel_bound;
-        tokio::spawn(async move {
-            let result = supervise(driver, ctx, &shared, bound).await;
-            mgr.run_finished(&id, result).await;
-        });
+        let span = tracing::debug_span!(target: "job", "job", id = %job.id, r#type = job.driver.job_type());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = supervise(driver, ctx, &shared, bound).await;
+                if let Err(e) = &result {
+                    tracing::debug!(target: "job", "failed: {e}");
+                }
+                mgr.run_finished(&id, result).await;
+            },
+            span,
+        ));
         Ok(())
     }
 

@@ -374,13 +374,19 @@ impl NbdServer {
             match accepted {
                 Ok(stream) => {
                     let server = self.clone();
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        server.serve_connection(stream).await;
-                    });
+                    let span = tracing::debug_span!(target: "nbd_connection", "nbd_connection");
+                    conns.spawn(tracing::Instrument::instrument(
+                        async move {
+                            let _permit = permit;
+                            tracing::debug!(target: "nbd_connection", "accepted");
+                            server.serve_connection(stream).await;
+                            tracing::debug!(target: "nbd_connection", "closed");
+                        },
+                        span,
+                    ));
                 }
                 Err(e) => {
-                    eprintln!("blockjobd: accepting an NBD client: {e}");
+                    tracing::warn!(target: "blockjobd", "accepting an NBD client: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -410,10 +416,20 @@ impl NbdServer {
             s = handshake => s,
             _ = stop.wait_for(|s| *s) => Ok(None),
         };
-        let Ok(Some(session)) = session else {
-            let _ = wr.shutdown().await;
-            return;
+        let session = match session {
+            Ok(Some(session)) => session,
+            Ok(None) => {
+                tracing::debug!(target: "nbd_connection", "handshake ended without an export");
+                let _ = wr.shutdown().await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(target: "nbd_connection", "handshake failed: {e}");
+                let _ = wr.shutdown().await;
+                return;
+            }
         };
+        tracing::debug!(target: "nbd_connection", export = %session.export.name(), "transmission");
         transmission(session, rd, wr).await;
     }
 

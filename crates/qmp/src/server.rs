@@ -76,7 +76,7 @@ async fn next_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event
         match r.recv().await {
             Ok(e) => return Some(e),
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                eprintln!("blockjobd: a slow QMP client missed {n} events");
+                tracing::warn!(target: "blockjobd", "a slow QMP client missed {n} events");
             }
             Err(broadcast::error::RecvError::Closed) => {
                 *rx = None;
@@ -177,9 +177,21 @@ impl MonitorHub {
         };
         let id = req.id.clone();
         let was_negotiated = session.negotiated;
-        match self.execute(req, session).await {
+        let span =
+            tracing::debug_span!(target: "qmp_command", "qmp_command", command = %req.command);
+        let result = {
+            use tracing::Instrument;
+            self.execute(req, session).instrument(span.clone()).await
+        };
+        match result {
             Ok(v) => (reply(v, id), !was_negotiated && session.negotiated),
-            Err(e) => (error_reply(&e, id), false),
+            Err(e) => {
+                // Logged once, here, where the error becomes the client's reply.
+                span.in_scope(|| {
+                    tracing::debug!(target: "qmp_command", class = ?e.class, "{}", e.desc);
+                });
+                (error_reply(&e, id), false)
+            }
         }
     }
 
