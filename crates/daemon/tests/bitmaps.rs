@@ -537,3 +537,70 @@ fn persistent_bitmaps_interoperate_with_qemu() {
         qemu_img_bitmaps(&p("q.qcow2"))
     );
 }
+
+/// Transactions run while a client writes through an export: each one drains the nodes it
+/// names, so its actions share one point in time, and a bitmap added and one cleared in the
+/// same transaction record exactly the same writes afterwards.
+#[test]
+fn transactions_share_a_point_in_time_under_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    qemu_img(&["create", "-f", "raw", "disk.raw", "64M"], dir.path());
+    let opts: Vec<String> = [
+        "--blockdev",
+        "driver=file,filename=disk.raw,node-name=d",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--export",
+        "type=nbd,id=e,node-name=d,writable=on",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let d = Daemon::start(&common::blockjobd(), &opts, dir);
+    let mut c = d.client();
+    let r = c.cmd("block-dirty-bitmap-add", json!({"node": "d", "name": "b0"}));
+    assert_eq!(r, json!({"return": {}}));
+    let uri = format!("nbd+unix:///d?socket={}", d.path("nbd.sock").display());
+    let mut args = vec!["-f".to_owned(), "raw".to_owned()];
+    for i in 0..512u64 {
+        args.push("-c".into());
+        args.push(format!(
+            "aio_write -P 7 {} 64k",
+            (i * 65536 * 7) % (64 << 20)
+        ));
+    }
+    args.push("-c".into());
+    args.push("aio_flush".into());
+    args.push(uri);
+    let mut writer = Command::new("qemu-io")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    for i in 1..=20 {
+        let r = c.cmd(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": "d", "name": format!("b{i}")}},
+                {"type": "block-dirty-bitmap-clear", "data": {"node": "d", "name": "b0"}},
+            ]}),
+        );
+        assert_eq!(r, json!({"return": {}}), "transaction {i}");
+        if i > 1 {
+            let r = c.cmd(
+                "block-dirty-bitmap-remove",
+                json!({"node": "d", "name": format!("b{}", i - 1)}),
+            );
+            assert_eq!(r, json!({"return": {}}));
+        }
+    }
+    assert!(writer.wait().expect("qemu-io").success());
+    let sha = |c: &mut common::Client, name: &str| {
+        c.cmd(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "d", "name": name}),
+        )["return"]["sha256"]
+            .clone()
+    };
+    assert_eq!(sha(&mut c, "b0"), sha(&mut c, "b20"));
+}

@@ -56,9 +56,9 @@ impl Undo {
         }
     }
 
-    /// Makes the change final. A removed persistent bitmap leaves the image at once, as in
-    /// QEMU.
-    pub async fn commit(self) -> QmpResult<()> {
+    /// Makes the change final in memory (inside the transaction's drained section). A
+    /// removed persistent bitmap still has to leave the image: that is the clean-up returned.
+    pub fn commit(self) -> Option<Clean> {
         if let Undo::Removing { node, name } = self {
             let persistent = {
                 let mut bitmaps = node.bitmaps();
@@ -69,15 +69,31 @@ impl Undo {
                 persistent
             };
             if persistent {
-                node.remove_stored_bitmap(&name).await.map_err(|e| {
-                    QmpError::generic(format!(
-                        "Failed to remove bitmap '{name}' from the image: {}",
-                        crate::nodes::error_text(&e)
-                    ))
-                })?;
+                return Some(Clean { node, name });
             }
         }
-        Ok(())
+        None
+    }
+}
+
+/// What is left to do after a committed change, outside the drained section: a removed
+/// persistent bitmap leaves the image at once, as in QEMU.
+#[derive(Debug)]
+pub struct Clean {
+    node: Arc<BlockNode>,
+    name: String,
+}
+
+impl Clean {
+    /// Removes the bitmap from the image.
+    pub async fn run(self) -> QmpResult<()> {
+        let Clean { node, name } = self;
+        node.remove_stored_bitmap(&name).await.map_err(|e| {
+            QmpError::generic(format!(
+                "Failed to remove bitmap '{name}' from the image: {}",
+                crate::nodes::error_text(&e)
+            ))
+        })
     }
 }
 
@@ -353,6 +369,8 @@ pub async fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> Qmp
         "block-dirty-bitmap-merge" => merge(ctl, args)?,
         other => return Err(QmpError::command_not_found(other)),
     };
-    undo.commit().await?;
+    if let Some(clean) = undo.commit() {
+        clean.run().await?;
+    }
     Ok(json!({}))
 }
