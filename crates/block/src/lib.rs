@@ -8,9 +8,10 @@
 //!   (drain gate, bounds, hooks,     (file, raw, qcow2, null-co: in the `drivers` crate)
 //!    alignment/RMW, range locks)
 //!        │
-//!        ▼
-//!  IoEngine (thread pool today; io_uring can slot in) ── syscalls on owned fds and buffers
 //! ```
+//!
+//! The I/O engine that turns requests into syscalls lives beside the `file` driver, its only
+//! user (`drivers::engine`).
 //!
 //! Drivers state facts and answer raw operations; everything generic lives once in the request
 //! path ([`node`]). Block status is the one primitive behind reads of sparse images, `map`, and
@@ -20,7 +21,6 @@ pub mod backend;
 pub mod buf;
 pub mod drain;
 pub mod driver;
-pub mod engine;
 pub mod error;
 pub mod graph;
 pub mod map;

@@ -263,6 +263,7 @@ pub async fn open(
             direct: cache.direct,
             no_flush: cache.no_flush,
             no_backing: false,
+            io: drivers::file::IoTuning::default(),
         },
     )
     .await

@@ -77,6 +77,19 @@ pub struct Config {
     pub daemonize: bool,
     /// `--trace` and `--log-level`.
     pub trace: crate::trace::TraceConfig,
+    /// How file nodes do host I/O (from the environment; see [`io_tuning_from_env`]).
+    pub io: drivers::file::IoTuning,
+}
+
+/// The host I/O switches, read once at start-up: `BLOCKJOB_WRITE_LANE=0` leaves buffered
+/// writes to the kernel's inode lock and `BLOCKJOB_CACHED_READS=0` sends every read to a
+/// worker, for comparison runs (README, Performance).
+pub fn io_tuning_from_env() -> drivers::file::IoTuning {
+    let off = |var: &str| std::env::var(var).as_deref() == Ok("0");
+    drivers::file::IoTuning {
+        write_lane: !off("BLOCKJOB_WRITE_LANE"),
+        cached_reads: !off("BLOCKJOB_CACHED_READS"),
+    }
 }
 
 /// Where a chardev listens.

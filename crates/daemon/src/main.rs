@@ -32,7 +32,10 @@ fn main() {
             print!("{}", daemon::trace::help());
             0
         }
-        Action::Run(config) => run(config),
+        Action::Run(mut config) => {
+            config.io = cli::io_tuning_from_env();
+            run(config)
+        }
     };
     std::process::exit(status);
 }

@@ -59,6 +59,8 @@ pub struct NodeEntry {
 /// All named nodes.
 #[derive(Debug, Default)]
 pub struct Nodes {
+    /// How file nodes do host I/O (the daemon's settings).
+    pub io: drivers::file::IoTuning,
     entries: BTreeMap<String, NodeEntry>,
     seq: u64,
     auto_names: u64,
@@ -260,6 +262,7 @@ impl Nodes {
             direct: own.cache.direct,
             no_flush: own.cache.no_flush,
             locking,
+            io: self.io,
         };
         let (driver, read_only) = match FileDriver::open(options(own.read_only)) {
             Ok(d) => (d, own.read_only),

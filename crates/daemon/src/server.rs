@@ -143,6 +143,7 @@ async fn start(
         monitors: Vec::new(),
         sockets: Vec::new(),
     };
+    s.control.nodes.io = config.io;
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     for item in &config.items {
         let step = match item {

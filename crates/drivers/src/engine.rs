@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use crate::buf::IoVec;
+use block::IoVec;
 
 /// A shared, owned file descriptor: jobs hold a clone until their system call returns.
 pub type SharedFd = Arc<OwnedFd>;
@@ -234,17 +234,11 @@ impl ThreadPoolEngine {
         }
     }
 
-    /// The process-wide engine (`BLOCKJOB_IO_THREADS` sets its size, default 64).
+    /// The process-wide engine: at most 64 workers, as QEMU's thread pool.
     pub fn global() -> Arc<ThreadPoolEngine> {
         static GLOBAL: OnceLock<Arc<ThreadPoolEngine>> = OnceLock::new();
         GLOBAL
-            .get_or_init(|| {
-                let n = std::env::var("BLOCKJOB_IO_THREADS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(64);
-                Arc::new(ThreadPoolEngine::new(n))
-            })
+            .get_or_init(|| Arc::new(ThreadPoolEngine::new(64)))
             .clone()
     }
 

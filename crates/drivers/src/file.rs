@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
 use async_trait::async_trait;
-use block::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
 use block::{BlockDriver, BlockError, BlockStatus, EdgePerm, ErrorKind, Facts, ImageInfo};
 use block::{IoVec, Perm, Result, WriteFlags, ZeroFlags};
 use bytes::BytesMut;
@@ -60,6 +60,29 @@ pub struct FileOptions {
     /// another process's locks forbid (see [`ImageLocks`]). `auto` and `on` are both true on
     /// Linux, which has OFD locks.
     pub locking: bool,
+    /// How host I/O is done.
+    pub io: IoTuning,
+}
+
+/// How the file driver does host I/O. Both on by default; the switches exist for comparison
+/// runs (see the README's Performance section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoTuning {
+    /// Buffered writes to a regular file go through one ordered lane ([`Lane`]); off leaves
+    /// them to the kernel's inode lock.
+    pub write_lane: bool,
+    /// Buffered reads ask the page cache on the caller's thread first; off sends every read
+    /// to a worker.
+    pub cached_reads: bool,
+}
+
+impl Default for IoTuning {
+    fn default() -> Self {
+        Self {
+            write_lane: true,
+            cached_reads: true,
+        }
+    }
 }
 
 impl FileOptions {
@@ -71,6 +94,7 @@ impl FileOptions {
             direct: false,
             no_flush: false,
             locking: true,
+            io: IoTuning::default(),
         }
     }
 }
@@ -224,13 +248,9 @@ impl FileDriver {
         let len =
             fd_len(fd.as_raw_fd()).map_err(|e| BlockError::io(format!("size of '{name}'"), e))?;
         let seekable_holes = meta.file_type().is_file();
-        // BLOCKJOB_WRITE_LANE=0 leaves buffered writes to the kernel's inode lock, for
-        // comparison (see the README's Performance section).
-        let lane_on = std::env::var("BLOCKJOB_WRITE_LANE").as_deref() != Ok("0");
-        let write_lane = (lane_on && seekable_holes && !options.direct).then(Arc::default);
-        // BLOCKJOB_CACHED_READS=0 sends every read to a worker, for comparison.
-        let cached_reads = std::env::var("BLOCKJOB_CACHED_READS").as_deref() != Ok("0");
-        let read_hint = (cached_reads && !options.direct).then(CacheHint::default);
+        let write_lane =
+            (options.io.write_lane && seekable_holes && !options.direct).then(Arc::default);
+        let read_hint = (options.io.cached_reads && !options.direct).then(CacheHint::default);
         Ok(FileDriver {
             fd: Arc::new(fd),
             engine: ThreadPoolEngine::global(),

@@ -6,11 +6,12 @@
 //!  null-co: standalone
 //! ```
 //!
-//! Protocol drivers (`file`) talk to the host through the block crate's I/O engine; format
+//! The `file` driver talks to the host through the I/O engine ([`engine`]); format
 //! drivers (`raw`, `qcow2`) reach their `file` child only through child edges, so every request
 //! they make goes through the generic request path.
 
 pub mod blkdebug;
+pub mod engine;
 pub mod file;
 pub mod mem;
 pub mod nbd;

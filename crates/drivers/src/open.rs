@@ -48,6 +48,8 @@ pub struct OpenOptions {
     pub no_flush: bool,
     /// Do not open the backing file.
     pub no_backing: bool,
+    /// How the files do host I/O.
+    pub io: crate::file::IoTuning,
 }
 
 /// Longest backing chain we follow.
@@ -101,6 +103,7 @@ async fn open_layer(
         direct: opts.direct,
         no_flush: opts.no_flush,
         locking: true,
+        io: opts.io,
     };
     let file_node = BlockNode::new(
         format!("{}#file", path.display()),
