@@ -23,6 +23,8 @@ pub const MAX_GRANULARITY: u64 = 1 << 31;
 /// A dirty bitmap of one disk.
 #[derive(Clone, Debug)]
 pub struct DirtyBitmap {
+    /// Unique in the process: how owners of unnamed bitmaps find theirs.
+    id: u64,
     name: Option<String>,
     granularity: u64,
     disk_size: u64,
@@ -55,7 +57,9 @@ impl DirtyBitmap {
         granularity: u64,
     ) -> Result<DirtyBitmap, BitmapError> {
         check_granularity(granularity)?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(DirtyBitmap {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             name,
             granularity,
             disk_size,
@@ -67,6 +71,11 @@ impl DirtyBitmap {
             readonly: false,
             successor: None,
         })
+    }
+
+    /// A number no other bitmap of the process has (a clone shares it).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The bitmap's name; internal bitmaps have none.

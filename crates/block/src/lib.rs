@@ -32,5 +32,5 @@ pub use backend::BlockBackend;
 pub use buf::IoVec;
 pub use driver::{BlockDriver, BlockStatus, Facts, ImageInfo, InfoValue, WriteFlags, ZeroFlags};
 pub use error::{BlockError, ErrorKind, Result, ResultExt};
-pub use node::{BlockNode, Child, ChildRole, EdgeSpec};
+pub use node::{BitmapHandle, BlockNode, Child, ChildRole, EdgeSpec};
 pub use perm::{EdgePerm, Parent, Perm, PermPolicy};

@@ -194,6 +194,31 @@ impl Drop for MarkDirty<'_> {
     }
 }
 
+/// An internal bitmap of a node, found by handle rather than by name; see
+/// [`BlockNode::add_internal_bitmap`].
+#[derive(Debug)]
+pub struct BitmapHandle {
+    node: Weak<BlockNode>,
+    id: u64,
+}
+
+impl BitmapHandle {
+    /// Runs `f` on the bitmap; `None` once its node is gone.
+    pub fn with<T>(&self, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+        let node = self.node.upgrade()?;
+        let mut bitmaps = lock(&node.bitmaps);
+        bitmaps.iter_mut().find(|b| b.id() == self.id).map(f)
+    }
+}
+
+impl Drop for BitmapHandle {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.upgrade() {
+            lock(&node.bitmaps).retain(|b| b.id() != self.id);
+        }
+    }
+}
+
 impl fmt::Debug for BlockNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockNode")
@@ -427,6 +452,22 @@ impl BlockNode {
     /// it to mark their range.
     pub fn bitmaps(&self) -> std::sync::MutexGuard<'_, Vec<DirtyBitmap>> {
         lock(&self.bitmaps)
+    }
+
+    /// Adds an internal (unnamed) bitmap that records every write to the node from now on,
+    /// owned by the returned handle and removed when it is dropped (a block-copy's copy
+    /// bitmap, a mirror's dirty bitmap). Queries show it as QEMU shows unnamed bitmaps.
+    pub fn add_internal_bitmap(
+        self: &Arc<Self>,
+        granularity: u64,
+    ) -> std::result::Result<BitmapHandle, bitmap::BitmapError> {
+        let b = DirtyBitmap::new(None, self.len(), granularity)?;
+        let id = b.id();
+        lock(&self.bitmaps).push(b);
+        Ok(BitmapHandle {
+            node: Arc::downgrade(self),
+            id,
+        })
     }
 
     /// Runs `f` on the bitmap named `name`, if the node has one.
@@ -1125,6 +1166,25 @@ mod tests {
         assert_eq!(a.parents().len(), 0);
         assert_eq!(b.parents().len(), 1);
         assert_eq!(edge.read(0, 1).await.expect("r")[0], 0, "reads now reach b");
+    }
+
+    #[tokio::test]
+    async fn internal_bitmaps_are_owned_by_handle() {
+        let node = mem(1 << 20);
+        let named = DirtyBitmap::new(Some("n".into()), 1 << 20, 65536).expect("bitmap");
+        node.bitmaps().push(named);
+        let handle = node.add_internal_bitmap(65536).expect("internal");
+        node.write(0, IoVec::from(vec![1u8; 512]), WriteFlags::default())
+            .await
+            .expect("w");
+        assert_eq!(handle.with(|b| b.dirty_bytes()), Some(65536));
+        assert!(
+            node.bitmaps().iter().any(|b| b.name().is_none()),
+            "listed with the node's bitmaps, unnamed"
+        );
+        drop(handle);
+        assert_eq!(node.bitmaps().len(), 1, "gone with its handle");
+        assert!(node.with_bitmap("n", |b| b.dirty_bytes()) == Some(65536));
     }
 
     #[tokio::test]

@@ -374,3 +374,23 @@ pub async fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> Qmp
     }
     Ok(json!({}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drivers::null::NullDriver;
+
+    #[test]
+    fn internal_bitmaps_are_listed_without_a_name() {
+        let node = BlockNode::new("n", Arc::new(NullDriver::new(1 << 20)));
+        let handle = node.add_internal_bitmap(65536).expect("internal");
+        let info = dirty_info(&node).expect("listed");
+        assert_eq!(
+            info,
+            json!([{"recording": true, "persistent": false, "busy": false,
+                    "granularity": 65536, "count": 0}])
+        );
+        drop(handle);
+        assert!(dirty_info(&node).is_none());
+    }
+}
