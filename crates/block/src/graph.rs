@@ -1,67 +1,20 @@
-//! The block graph: named nodes, and the edits that re-point parents atomically.
+//! The edits of the block graph: drained sections over nodes and what is below them, and
+//! re-pointing parents atomically (replace a node, insert and remove a filter). The graph is
+//! the nodes and their edges; its one registry of names is the daemon's (`daemon::nodes`).
 //!
 //! Edits run inside drained sections of the nodes involved; the re-pointing itself is
 //! synchronous (no await between the first and the last edge), and requests queued at a drained
 //! node re-check their edge when let in (see [`crate::node`]), so no request ever sees half an
 //! edit.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Weak};
 
 use crate::drain::{run_passing, DrainGate, Drained};
-use crate::error::{BlockError, ErrorKind, Result};
+use crate::error::{BlockError, Result};
 use crate::node::{BlockNode, Child, ChildRole};
 use crate::perm;
-
-/// Named nodes of a daemon or a tool.
-#[derive(Debug, Default)]
-pub struct Graph {
-    nodes: BTreeMap<String, Arc<BlockNode>>,
-}
-
-impl Graph {
-    /// An empty graph.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers a node under its node-name; names are unique.
-    pub fn add(&mut self, node: Arc<BlockNode>) -> Result<()> {
-        if self.nodes.contains_key(node.name()) {
-            return Err(BlockError::invalid(format!(
-                "Duplicate nodes with node-name='{}'",
-                node.name()
-            )));
-        }
-        self.nodes.insert(node.name().to_owned(), node);
-        Ok(())
-    }
-
-    /// The node named `name`.
-    pub fn get(&self, name: &str) -> Result<Arc<BlockNode>> {
-        self.nodes.get(name).cloned().ok_or_else(|| {
-            BlockError::new(ErrorKind::NotFound, format!("Cannot find node '{name}'"))
-        })
-    }
-
-    /// Unregisters `name`; refused while any parent still points at it.
-    pub fn remove(&mut self, name: &str) -> Result<Arc<BlockNode>> {
-        let node = self.get(name)?;
-        if !node.parents().is_empty() {
-            return Err(BlockError::invalid(format!(
-                "Node '{name}' is busy: it has parents"
-            )));
-        }
-        self.nodes.remove(name);
-        Ok(node)
-    }
-
-    /// All registered nodes, by name.
-    pub fn nodes(&self) -> impl Iterator<Item = &Arc<BlockNode>> {
-        self.nodes.values()
-    }
-}
 
 /// `nodes` and everything below them, each once, parents before children.
 pub(crate) fn topological(nodes: &[Arc<BlockNode>]) -> Vec<Arc<BlockNode>> {
@@ -496,15 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn filter_insert_and_remove_repoints_backends() {
-        let mut graph = Graph::new();
         let disk = BlockNode::new("disk", Arc::new(Zero(1 << 20)));
-        graph.add(disk.clone()).expect("add");
-        assert!(
-            graph
-                .add(BlockNode::new("disk", Arc::new(Zero(1))))
-                .is_err(),
-            "duplicate"
-        );
         let backend = BlockBackend::new(disk.clone());
         let mut counter = None;
         let inserted = insert_filter(&disk, |edge| {
@@ -527,10 +472,7 @@ mod tests {
             1,
             "the backend now goes through the filter"
         );
-        assert!(
-            graph.remove("disk").is_err(),
-            "disk has a parent (the filter)"
-        );
+        assert_eq!(disk.parents().len(), 1, "only the filter points at disk");
         // A user of the filter itself (as snapshot-access uses copy-before-write).
         let reader = BlockBackend::new(inserted.filter.clone());
         remove_filter(&inserted).await.expect("remove filter");

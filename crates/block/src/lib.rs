@@ -1,13 +1,13 @@
 //! blockjob's block layer.
 //!
 //! ```text
-//!  BlockBackend (exports, jobs)          Graph (node-names)
-//!        │ root edge                        │ insert_filter / replace_node
-//!        ▼                                  ▼
+//!  BlockBackend (exports, jobs)          graph: drained sections, insert_filter,
+//!        │ root edge (perm: needs/shares)   replace_node (edits re-point edges)
+//!        ▼                                  perm: every edit re-checks permissions
 //!  BlockNode ──request path──▶ dyn BlockDriver ──Child edges──▶ BlockNode …
 //!   (drain gate, bounds, hooks,     (file, raw, qcow2, null-co: in the `drivers` crate)
-//!    alignment/RMW, range locks)
-//!        │
+//!    bitmaps, alignment/RMW,
+//!    range locks)
 //! ```
 //!
 //! The I/O engine that turns requests into syscalls lives beside the `file` driver, its only
