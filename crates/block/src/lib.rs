@@ -19,6 +19,7 @@
 
 pub mod backend;
 pub mod buf;
+pub mod child;
 pub mod drain;
 pub mod driver;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod map;
 pub mod node;
 pub mod perm;
 pub mod range_lock;
+pub mod request;
 
 pub use backend::BlockBackend;
 pub use buf::IoVec;
