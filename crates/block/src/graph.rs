@@ -174,125 +174,9 @@ mod tests {
     use super::*;
     use crate::backend::BlockBackend;
     use crate::buf::IoVec;
-    use crate::driver::{BlockDriver, BlockStatus, WriteFlags, ZeroFlags};
-    use async_trait::async_trait;
-    use bytes::BytesMut;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// A pass-through filter counting the writes it sees.
-    #[derive(Debug)]
-    struct Counting {
-        child: Arc<Child>,
-        writes: AtomicU64,
-    }
-
-    #[async_trait]
-    impl BlockDriver for Counting {
-        fn driver_name(&self) -> &'static str {
-            "counting"
-        }
-        fn len(&self) -> u64 {
-            self.child.node().len()
-        }
-        fn children(&self) -> Vec<Arc<Child>> {
-            vec![self.child.clone()]
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-            self.child.read_into(offset, buf).await
-        }
-        async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
-            self.writes.fetch_add(1, Ordering::Relaxed);
-            self.child.write(offset, data, flags).await
-        }
-        async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-            self.child.write_zeroes(offset, len, flags).await
-        }
-        async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-            self.child.discard(offset, len).await
-        }
-        async fn flush(&self) -> Result<()> {
-            self.child.flush().await
-        }
-        async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-            self.child.block_status(offset, len).await
-        }
-    }
-
-    #[derive(Debug)]
-    struct Zero(u64);
-
-    #[async_trait]
-    impl BlockDriver for Zero {
-        fn driver_name(&self) -> &'static str {
-            "zero"
-        }
-        fn len(&self) -> u64 {
-            self.0
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        async fn read(&self, _: u64, buf: BytesMut) -> Result<BytesMut> {
-            Ok(buf)
-        }
-        async fn write(&self, _: u64, _: IoVec, _: WriteFlags) -> Result<()> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
-            Ok(())
-        }
-        async fn discard(&self, _: u64, _: u64) -> Result<()> {
-            Ok(())
-        }
-        async fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
-            Ok(BlockStatus::zero(len, None))
-        }
-    }
-
-    /// A leaf counting the writes that reach it.
-    #[derive(Debug, Default)]
-    struct Sink {
-        writes: AtomicU64,
-    }
-
-    #[async_trait]
-    impl BlockDriver for Sink {
-        fn driver_name(&self) -> &'static str {
-            "sink"
-        }
-        fn len(&self) -> u64 {
-            1 << 20
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        async fn read(&self, _: u64, buf: BytesMut) -> Result<BytesMut> {
-            Ok(buf)
-        }
-        async fn write(&self, _: u64, _: IoVec, _: WriteFlags) -> Result<()> {
-            tokio::task::yield_now().await;
-            self.writes.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
-            Ok(())
-        }
-        async fn discard(&self, _: u64, _: u64) -> Result<()> {
-            Ok(())
-        }
-        async fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
-            Ok(BlockStatus::data(len, None))
-        }
-    }
+    use crate::driver::WriteFlags;
+    use crate::testing::{MemDisk, PassThrough};
+    use std::sync::atomic::Ordering;
 
     /// Writers keep requests in flight through a backend while filters are inserted above
     /// its node and removed, and the node is replaced back and forth: every write lands on
@@ -300,8 +184,8 @@ mod tests {
     /// below a filter being inserted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn edits_under_load_lose_no_request() {
-        let a = Arc::new(Sink::default());
-        let b = Arc::new(Sink::default());
+        let a = MemDisk::new(1 << 20);
+        let b = MemDisk::new(1 << 20);
         let na = BlockNode::new("a", a.clone());
         let nb = BlockNode::new("b", b.clone());
         let backend = BlockBackend::new(na.clone());
@@ -327,13 +211,7 @@ mod tests {
             let mut leaf = na.clone();
             for round in 0..60 {
                 let inserted = insert_filter(&leaf, |edge| {
-                    Ok(BlockNode::new(
-                        format!("f{round}"),
-                        Arc::new(Counting {
-                            child: edge,
-                            writes: AtomicU64::new(0),
-                        }),
-                    ))
+                    Ok(BlockNode::new(format!("f{round}"), PassThrough::new(edge)))
                 })
                 .await
                 .expect("insert");
@@ -355,25 +233,19 @@ mod tests {
         for w in writers {
             issued += w.await.expect("writer");
         }
-        let landed = a.writes.load(Ordering::Relaxed) + b.writes.load(Ordering::Relaxed);
+        let landed = a.writes() + b.writes();
         assert_eq!(landed, issued, "every write reached exactly one leaf");
-        assert!(a.writes.load(Ordering::Relaxed) > 0 && b.writes.load(Ordering::Relaxed) > 0);
+        assert!(a.writes() > 0 && b.writes() > 0);
     }
 
     /// A filter that already has users of its own takes over the node's other users: its
     /// requests queued below must finish before it is drained, not wait for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn replacing_a_node_by_its_busy_ancestor_does_not_deadlock() {
-        let sink = Arc::new(Sink::default());
+        let sink = MemDisk::new(1 << 20);
         let leaf = BlockNode::new("leaf", sink.clone());
         let edge = Child::new(ChildRole::Filtered, leaf.clone());
-        let filter = BlockNode::new(
-            "f",
-            Arc::new(Counting {
-                child: edge.clone(),
-                writes: AtomicU64::new(0),
-            }),
-        );
+        let filter = BlockNode::new("f", PassThrough::new(edge.clone()));
         let above = BlockBackend::new(filter.clone());
         let direct = BlockBackend::new(leaf.clone());
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -410,16 +282,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_drainer_does_io_inside_its_section() {
-        let sink = Arc::new(Sink::default());
+        let sink = MemDisk::new(1 << 20);
         let leaf = BlockNode::new("leaf", sink.clone());
         let filter = insert_filter(&leaf, |edge| {
-            Ok(BlockNode::new(
-                "f",
-                Arc::new(Counting {
-                    child: edge,
-                    writes: AtomicU64::new(0),
-                }),
-            ))
+            Ok(BlockNode::new("f", PassThrough::new(edge)))
         })
         .await
         .expect("insert")
@@ -441,22 +307,19 @@ mod tests {
             .await
             .expect("the drainer is let through")
             .expect("write");
-        assert_eq!(sink.writes.load(Ordering::Relaxed), 1);
+        assert_eq!(sink.writes(), 1);
         drop(section);
         outside.await.expect("join").expect("write");
-        assert_eq!(sink.writes.load(Ordering::Relaxed), 2);
+        assert_eq!(sink.writes(), 2);
     }
 
     #[tokio::test]
     async fn filter_insert_and_remove_repoints_backends() {
-        let disk = BlockNode::new("disk", Arc::new(Zero(1 << 20)));
+        let disk = BlockNode::new("disk", MemDisk::new(1 << 20));
         let backend = BlockBackend::new(disk.clone());
         let mut counter = None;
         let inserted = insert_filter(&disk, |edge| {
-            let drv = Arc::new(Counting {
-                child: edge,
-                writes: AtomicU64::new(0),
-            });
+            let drv = PassThrough::new(edge);
             counter = Some(drv.clone());
             Ok(BlockNode::new("filter", drv))
         })
@@ -468,7 +331,7 @@ mod tests {
             .expect("w");
         let counter = counter.expect("built");
         assert_eq!(
-            counter.writes.load(Ordering::Relaxed),
+            counter.writes(),
             1,
             "the backend now goes through the filter"
         );
@@ -484,11 +347,7 @@ mod tests {
             .write(0, IoVec::from(vec![1u8; 4]), WriteFlags::default())
             .await
             .expect("w");
-        assert_eq!(
-            counter.writes.load(Ordering::Relaxed),
-            1,
-            "bypassed after removal"
-        );
+        assert_eq!(counter.writes(), 1, "bypassed after removal");
         assert!(Arc::ptr_eq(&backend.node(), &disk));
     }
 }

@@ -29,6 +29,8 @@ pub mod node;
 pub mod perm;
 pub mod range_lock;
 pub mod request;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use backend::BlockBackend;
 pub use buf::IoVec;

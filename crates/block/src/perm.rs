@@ -362,6 +362,7 @@ mod tests {
     use crate::buf::IoVec;
     use crate::driver::{BlockDriver, BlockStatus, WriteFlags, ZeroFlags};
     use crate::node::{ChildRole, EdgeSpec};
+    use crate::testing::PassThrough;
     use async_trait::async_trait;
     use bytes::BytesMut;
 
@@ -372,13 +373,6 @@ mod tests {
         refuse: Perm,
         committed: Mutex<Option<EdgePerm>>,
         aborts: Mutex<u32>,
-    }
-
-    /// A node over one child edge.
-    #[derive(Debug)]
-    struct Over {
-        child: Arc<Child>,
-        writable: bool,
     }
 
     #[async_trait]
@@ -424,40 +418,6 @@ mod tests {
         }
     }
 
-    #[async_trait]
-    impl BlockDriver for Over {
-        fn driver_name(&self) -> &'static str {
-            "over"
-        }
-        fn len(&self) -> u64 {
-            self.child.node().len()
-        }
-        fn children(&self) -> Vec<Arc<Child>> {
-            vec![self.child.clone()]
-        }
-        fn writable(&self) -> bool {
-            self.writable
-        }
-        async fn read(&self, o: u64, buf: BytesMut) -> Result<BytesMut> {
-            self.child.read_into(o, buf).await
-        }
-        async fn write(&self, o: u64, d: IoVec, f: WriteFlags) -> Result<()> {
-            self.child.write(o, d, f).await
-        }
-        async fn write_zeroes(&self, o: u64, l: u64, f: ZeroFlags) -> Result<()> {
-            self.child.write_zeroes(o, l, f).await
-        }
-        async fn discard(&self, o: u64, l: u64) -> Result<()> {
-            self.child.discard(o, l).await
-        }
-        async fn flush(&self) -> Result<()> {
-            self.child.flush().await
-        }
-        async fn block_status(&self, o: u64, l: u64) -> Result<BlockStatus> {
-            self.child.block_status(o, l).await
-        }
-    }
-
     fn leaf(name: &str, writable: bool, refuse: Perm) -> (Arc<BlockNode>, Arc<Leaf>) {
         let drv = Arc::new(Leaf {
             writable,
@@ -478,7 +438,10 @@ mod tests {
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(name.into())).policy(policy);
         let need = policy.child_perm(writable, EdgePerm::FREE);
         let child = Child::attach(spec, below.clone(), need)?;
-        Ok(BlockNode::new(name, Arc::new(Over { child, writable })))
+        Ok(BlockNode::new(
+            name,
+            PassThrough::with_writable(child, writable),
+        ))
     }
 
     fn committed(l: &Leaf) -> Option<EdgePerm> {

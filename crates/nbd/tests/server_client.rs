@@ -1,60 +1,16 @@
 //! Our client against our server in one process: I/O, block status, exports following graph
 //! changes (a filter inserted above the exported node), retirement.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use block::graph::{insert_filter, remove_filter};
-use block::{BlockBackend, BlockDriver, BlockNode, BlockStatus, Child, IoVec};
-use block::{WriteFlags, ZeroFlags};
+use block::testing::PassThrough;
+use block::{BlockBackend, BlockNode};
 use bytes::{Bytes, BytesMut};
 use drivers::mem::MemDriver;
 use nbd::server::Listener;
 use nbd::{Client, ConnectTo, Export, ExportConfig, NbdServer, ServerConfig};
-
-/// A pass-through filter counting the writes that reach it.
-#[derive(Debug)]
-struct Counting {
-    child: Arc<Child>,
-    writes: AtomicU64,
-}
-
-#[async_trait]
-impl BlockDriver for Counting {
-    fn driver_name(&self) -> &'static str {
-        "counting"
-    }
-    fn len(&self) -> u64 {
-        self.child.node().len()
-    }
-    fn children(&self) -> Vec<Arc<Child>> {
-        vec![self.child.clone()]
-    }
-    fn writable(&self) -> bool {
-        true
-    }
-    async fn read(&self, offset: u64, buf: BytesMut) -> block::Result<BytesMut> {
-        self.child.read_into(offset, buf).await
-    }
-    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> block::Result<()> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.child.write(offset, data, flags).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> block::Result<()> {
-        self.child.write_zeroes(offset, len, flags).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> block::Result<()> {
-        self.child.discard(offset, len).await
-    }
-    async fn flush(&self) -> block::Result<()> {
-        self.child.flush().await
-    }
-    async fn block_status(&self, offset: u64, len: u64) -> block::Result<BlockStatus> {
-        self.child.block_status(offset, len).await
-    }
-}
 
 async fn serve(
     node: Arc<BlockNode>,
@@ -93,10 +49,7 @@ async fn export_follows_a_filter_inserted_above_its_node() {
         .expect("write");
     let mut counting = None;
     let inserted = insert_filter(&node, |edge| {
-        let c = Arc::new(Counting {
-            child: edge,
-            writes: AtomicU64::new(0),
-        });
+        let c = PassThrough::new(edge);
         counting = Some(c.clone());
         Ok(BlockNode::new("filter", c))
     })
@@ -118,7 +71,7 @@ async fn export_follows_a_filter_inserted_above_its_node() {
     for w in writes {
         w.await.expect("task").expect("write");
     }
-    assert_eq!(counting.writes.load(Ordering::SeqCst), 8);
+    assert_eq!(counting.writes(), 8);
     let back = client
         .read_into(4096, BytesMut::zeroed(4096))
         .await
