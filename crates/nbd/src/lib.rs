@@ -13,8 +13,11 @@
 //! metadata contexts other than the built-in ones plug in through [`server::MetaContext`].
 
 pub mod client;
+pub mod export;
+mod handshake;
 pub mod proto;
 pub mod server;
+mod transmission;
 
 pub use client::{Client, ClientError, ConnectTo};
 pub use server::{Export, ExportConfig, MetaContext, NbdServer, ServerConfig};
