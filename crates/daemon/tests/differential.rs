@@ -116,6 +116,18 @@ fn scenario() -> Vec<Step> {
             add(json!({"driver": "raw", "node-name": "x", "file": "nosuch"})),
             true,
         ),
+        // An alternate that fits no branch is named by its member name alone, a list
+        // element by 'null', as QEMU's visitor names them.
+        step(
+            add(json!({"driver": "qcow2", "node-name": "x",
+                        "file": {"driver": "raw", "file": 5}})),
+            true,
+        ),
+        step(
+            json!({"execute": "block-export-add", "arguments":
+                {"type": "nbd", "id": "e", "node-name": "x", "bitmaps": [5]}}),
+            true,
+        ),
         step(
             add(
                 json!({"driver": "blkdebug", "node-name": "x", "image": "f0",

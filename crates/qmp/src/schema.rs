@@ -437,9 +437,17 @@ impl Schema {
                 _ => Err(invalid_type(path, "object")),
             },
             Kind::Alternate(branches) => {
-                let branch = self
-                    .pick_branch(branches, value, keyval)
-                    .ok_or_else(|| invalid_type(path, ty))?;
+                // QEMU names an alternate that fits no branch by its member name alone, and
+                // a list element by 'null' (its visitor has no name there).
+                let branch = self.pick_branch(branches, value, keyval).ok_or_else(|| {
+                    let name = match path.0.last() {
+                        Some(Seg::Key(k)) => k.clone(),
+                        _ => "null".to_owned(),
+                    };
+                    QmpError::generic(format!(
+                        "Invalid parameter type for '{name}', expected: {ty}"
+                    ))
+                })?;
                 self.check(&branch, value, path, keyval)
             }
         }
