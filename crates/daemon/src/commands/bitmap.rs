@@ -10,9 +10,11 @@ use std::sync::Arc;
 use bitmap::{check_granularity, DirtyBitmap, HBitmap};
 use block::BlockNode;
 use qmp::{QmpError, QmpResult};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::decode;
 use crate::control::Control;
 
 /// Longest bitmap name (qcow2's limit, which QEMU applies to every bitmap).
@@ -97,10 +99,6 @@ impl Clean {
     }
 }
 
-fn s<'a>(m: &'a Map<String, Value>, k: &str) -> &'a str {
-    m.get(k).and_then(Value::as_str).unwrap_or_default()
-}
-
 /// The node of `block-dirty-bitmap-add` (looked up as device or node name).
 fn node_for_add(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
     ctl.nodes
@@ -178,21 +176,57 @@ fn default_granularity(node: &BlockNode) -> u64 {
     }
 }
 
+/// `block-dirty-bitmap-add`'s arguments.
+#[derive(Debug, Deserialize)]
+struct AddArgs {
+    node: String,
+    name: String,
+    granularity: Option<u64>,
+    #[serde(default)]
+    persistent: bool,
+    #[serde(default)]
+    disabled: bool,
+}
+
+/// The arguments of the commands that name one bitmap (`BlockDirtyBitmap`).
+#[derive(Debug, Deserialize)]
+struct BitmapArgs {
+    node: String,
+    name: String,
+}
+
+/// `block-dirty-bitmap-merge`'s arguments.
+#[derive(Debug, Deserialize)]
+struct MergeArgs {
+    node: String,
+    target: String,
+    bitmaps: Vec<MergeSource>,
+}
+
+/// A merge source: a bitmap of the target's node by name, or one of any node.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MergeSource {
+    Local(String),
+    Anywhere { node: String, name: String },
+}
+
 /// `block-dirty-bitmap-add`.
 pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
-    let name = s(args, "name");
+    let args: AddArgs = decode(args)?;
+    let name = args.name.as_str();
     if name.is_empty() {
         return Err(QmpError::generic("Bitmap name cannot be empty"));
     }
-    let node = node_for_add(ctl, s(args, "node"))?;
-    let granularity = match args.get("granularity").and_then(Value::as_u64) {
+    let node = node_for_add(ctl, &args.node)?;
+    let granularity = match args.granularity {
         Some(g) => {
             check_granularity(g).map_err(|e| QmpError::generic(e.to_string()))?;
             g
         }
         None => default_granularity(&node),
     };
-    let persistent = args.get("persistent").and_then(Value::as_bool) == Some(true);
+    let persistent = args.persistent;
     if persistent {
         let why = if !node.stores_bitmaps() {
             Some("Operation not supported")
@@ -217,7 +251,7 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
     }
     let mut b = DirtyBitmap::new(Some(name.to_owned()), node.len(), granularity)
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    if args.get("disabled").and_then(Value::as_bool) == Some(true) {
+    if args.disabled {
         b.set_recording(false);
     }
     b.set_persistent(persistent);
@@ -231,7 +265,8 @@ pub fn add(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 
 /// `block-dirty-bitmap-remove`: the bitmap is marked busy until the change commits.
 pub fn remove(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
-    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let BitmapArgs { node: n, name } = decode(args)?;
+    let (node, name) = (node(ctl, &n)?, name.as_str());
     use_bitmap(&node, name, Allow::Remove, |b| b.set_busy(true))?;
     Ok(Undo::Removing {
         node,
@@ -241,7 +276,8 @@ pub fn remove(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 
 /// `block-dirty-bitmap-clear`.
 pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
-    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let BitmapArgs { node: n, name } = decode(args)?;
+    let (node, name) = (node(ctl, &n)?, name.as_str());
     let bits = use_bitmap(&node, name, Allow::Modify, DirtyBitmap::clear)?;
     Ok(Undo::Bits {
         node,
@@ -252,7 +288,8 @@ pub fn clear(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 
 /// `block-dirty-bitmap-enable` (`on`) and `-disable`.
 pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpResult<Undo> {
-    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let BitmapArgs { node: n, name } = decode(args)?;
+    let (node, name) = (node(ctl, &n)?, name.as_str());
     let was = use_bitmap(&node, name, Allow::Use, |b| {
         let was = b.recording();
         b.set_recording(on);
@@ -267,23 +304,16 @@ pub fn set_recording(ctl: &Control, args: &Map<String, Value>, on: bool) -> QmpR
 
 /// `block-dirty-bitmap-merge`: every source ORed into the target, all or nothing.
 pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
-    let node = node(ctl, s(args, "node"))?;
-    let target = s(args, "target");
+    let args: MergeArgs = decode(args)?;
+    let node = node(ctl, &args.node)?;
+    let target = args.target.as_str();
     use_bitmap(&node, target, Allow::Modify, |_| ())?;
     // Copy the sources first: a source may live on the target's node (one lock at a time).
     let mut sources = Vec::new();
-    for src in args
-        .get("bitmaps")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for src in &args.bitmaps {
         let (src_node, src_name) = match src {
-            Value::String(name) => (node.clone(), name.as_str()),
-            other => (
-                self::node(ctl, other.get("node").and_then(Value::as_str).unwrap_or(""))?,
-                other.get("name").and_then(Value::as_str).unwrap_or(""),
-            ),
+            MergeSource::Local(name) => (node.clone(), name.as_str()),
+            MergeSource::Anywhere { node: n, name } => (self::node(ctl, n)?, name.as_str()),
         };
         sources.push(use_bitmap(&src_node, src_name, Allow::Use, |b| b.clone())?);
     }
@@ -316,7 +346,8 @@ pub fn merge(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Undo> {
 /// `x-debug-block-dirty-bitmap-sha256`: SHA-256 of the bits as 64-bit little-endian words,
 /// which is what QEMU hashes, so the two agree on equal bitmaps.
 pub fn sha256(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let (node, name) = (node(ctl, s(args, "node"))?, s(args, "name"));
+    let BitmapArgs { node: n, name } = decode(args)?;
+    let (node, name) = (node(ctl, &n)?, name.as_str());
     let digest = node
         .with_bitmap(name, |b| {
             let mut h = Sha256::new();

@@ -1,16 +1,22 @@
 //! `blockdev-del`: closes a node created by `blockdev-add` that nothing uses any more.
 
 use qmp::QmpResult;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::decode;
 use crate::control::Control;
+
+/// The arguments.
+#[derive(Debug, Deserialize)]
+struct Args {
+    #[serde(rename = "node-name")]
+    node_name: String,
+}
 
 /// Runs the command.
 pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let name = args
-        .get("node-name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    ctl.nodes.delete(name).await?;
+    let Args { node_name } = decode(args)?;
+    ctl.nodes.delete(&node_name).await?;
     Ok(json!({}))
 }

@@ -8,13 +8,39 @@ use std::sync::Arc;
 
 use job::{JobError, JobInfo, JobOptions, JobVerb};
 use qmp::{ErrorClass, QmpError, QmpResult};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::decode;
 use crate::control::Control;
 use crate::jobs::{create_spec, CreateJob};
 
-fn s<'a>(m: &'a Map<String, Value>, k: &str) -> &'a str {
-    m.get(k).and_then(Value::as_str).unwrap_or_default()
+/// The arguments of `job-*` verbs.
+#[derive(Debug, Deserialize)]
+struct JobArgs {
+    id: String,
+}
+
+/// The arguments of `block-job-*` verbs: the job by `device` (or `id`), and what the verb
+/// takes.
+#[derive(Debug, Deserialize)]
+struct BlockJobArgs {
+    device: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    speed: i64,
+    #[serde(default)]
+    force: bool,
+    #[serde(rename = "type", default)]
+    job_type: String,
+}
+
+/// `blockdev-create`'s arguments.
+#[derive(Debug, Deserialize)]
+struct CreateArgs {
+    #[serde(rename = "job-id")]
+    job_id: String,
+    options: Map<String, Value>,
 }
 
 fn job_error(e: JobError) -> QmpError {
@@ -34,7 +60,8 @@ async fn block_job(ctl: &Control, name: &str) -> QmpResult<String> {
 
 /// `job-pause`, `job-resume`, `job-cancel`, `job-complete`, `job-finalize`, `job-dismiss`.
 pub async fn job_verb(ctl: &Control, command: &str, args: &Map<String, Value>) -> QmpResult<Value> {
-    let id = s(args, "id");
+    let JobArgs { id } = decode(args)?;
+    let id = id.as_str();
     let jobs = &ctl.jobs;
     match command {
         "job-pause" => jobs.pause(id).await,
@@ -56,23 +83,21 @@ pub async fn block_job_verb(
     command: &str,
     args: &Map<String, Value>,
 ) -> QmpResult<Value> {
-    let key = if matches!(
+    let args: BlockJobArgs = decode(args)?;
+    let name = if matches!(
         command,
         "block-job-dismiss" | "block-job-finalize" | "block-job-change"
     ) {
-        "id"
+        args.id.as_deref()
     } else {
-        "device"
+        args.device.as_deref()
     };
-    let id = block_job(ctl, s(args, key)).await?;
+    let id = block_job(ctl, name.unwrap_or_default()).await?;
     let jobs = &ctl.jobs;
     match command {
-        "block-job-set-speed" => {
-            let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-            jobs.set_speed(&id, speed).await
-        }
+        "block-job-set-speed" => jobs.set_speed(&id, args.speed).await,
         "block-job-cancel" => {
-            let force = args.get("force").and_then(Value::as_bool).unwrap_or(false);
+            let force = args.force;
             if !force && jobs.user_paused(&id).await.unwrap_or(false) {
                 return Err(QmpError::generic(format!(
                     "The block job for device '{id}' is currently paused"
@@ -90,11 +115,10 @@ pub async fn block_job_verb(
                 .await
                 .map_err(job_error)?;
             let info = jobs.info(&id).await.map_err(job_error)?;
-            if s(args, "type") != info.job_type {
+            if args.job_type != info.job_type {
                 return Err(QmpError::generic(format!(
                     "Job type {} is different from the job's type {}",
-                    s(args, "type"),
-                    info.job_type
+                    args.job_type, info.job_type
                 )));
             }
             Err(JobError::Refused("Job type does not support change".into()))
@@ -162,16 +186,12 @@ pub async fn query_block_jobs(ctl: &Control) -> Value {
 
 /// `blockdev-create`: a `create` job, concluded until dismissed (QEMU's manual dismiss).
 pub async fn blockdev_create(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let empty = Map::new();
-    let options = args
-        .get("options")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    let spec = create_spec(options, |name| {
+    let args: CreateArgs = decode(args)?;
+    let spec = create_spec(&args.options, |name| {
         ctl.nodes.entry(name).map(|e| e.node.clone())
     })
     .map_err(QmpError::generic)?;
-    let id = s(args, "job-id");
+    let id = args.job_id.as_str();
     let opts = JobOptions {
         auto_dismiss: false,
         ..JobOptions::new(id)

@@ -18,6 +18,13 @@ use serde_json::{json, Map, Value};
 
 use crate::control::Control;
 
+/// A command's arguments as its typed struct. They passed the schema check already, so the
+/// types agree; a failure here is ours, and is reported like any other argument error.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(args: &Map<String, Value>) -> QmpResult<T> {
+    serde_json::from_value(Value::Object(args.clone()))
+        .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))
+}
+
 /// Runs `command` on the daemon state.
 pub async fn execute(
     ctl: &mut Control,
