@@ -32,6 +32,9 @@ struct Cached<T> {
     data: T,
     dirty: bool,
     used: u64,
+    /// For a dirty L2 table: the refcount epoch when it was last changed. The refcounts its
+    /// entries need are durable once that epoch is synced.
+    epoch: u64,
 }
 
 impl<T> Cached<T> {
@@ -40,6 +43,7 @@ impl<T> Cached<T> {
             data,
             dirty: false,
             used,
+            epoch: 0,
         }
     }
 }
@@ -74,9 +78,13 @@ pub(crate) struct Meta {
     compressed_cursor: u64,
     /// A reference was dropped by a written-through L2 entry: sync before writing refcounts.
     sync_before_refcounts: bool,
-    /// Refcount blocks were written (on eviction, say) and not synced yet: sync before any
-    /// L2 table that may need them is written.
-    refblocks_unsynced: bool,
+    /// Refcount epochs: every refcount change counts one; all changes up to `written_epoch`
+    /// are written to the file, up to `synced_epoch` also synced. An L2 table is written only
+    /// once the epoch it was changed in is synced (refcounts before the entries that use
+    /// them), which lets a flush sync refcounts without holding the metadata lock.
+    rc_epoch: u64,
+    written_epoch: u64,
+    synced_epoch: u64,
     /// L1 entries changed in memory whose write has not completed (it failed): written again
     /// at the next flush. A new table is durable before its L1 entry changes, so they may go
     /// at any time.
@@ -166,7 +174,9 @@ impl Meta {
             end_cluster: file_len.div_ceil(cs),
             compressed_cursor: 0,
             sync_before_refcounts: false,
-            refblocks_unsynced: false,
+            rc_epoch: 0,
+            written_epoch: 0,
+            synced_epoch: 0,
             l1_dirty: std::collections::BTreeSet::new(),
         };
         meta.validate_tables(file_len)?;
@@ -266,11 +276,29 @@ impl Meta {
     /// table is clean only once its write completed: stopped or failed half way, it stays
     /// dirty and is written again.
     async fn write_back_l2(&mut self, tables: &[u64]) -> Result<()> {
-        self.flush_refblocks().await?;
-        if self.refblocks_unsynced {
-            self.file.flush().await?;
-            self.refblocks_unsynced = false;
+        let needs = tables
+            .iter()
+            .filter_map(|o| self.l2.get(o))
+            .filter(|t| t.dirty)
+            .map(|t| t.epoch)
+            .max();
+        if needs.is_some_and(|e| e > self.synced_epoch) {
+            self.flush_refblocks().await?;
+            self.sync_refcounts().await?;
         }
+        self.write_l2_tables(tables).await
+    }
+
+    /// Syncs the file: every refcount written so far is durable.
+    async fn sync_refcounts(&mut self) -> Result<()> {
+        let written = self.written_epoch;
+        self.file.flush().await?;
+        self.synced_epoch = self.synced_epoch.max(written);
+        Ok(())
+    }
+
+    /// Writes the dirty tables among `tables` (their refcounts are durable).
+    async fn write_l2_tables(&mut self, tables: &[u64]) -> Result<()> {
         for &off in tables {
             let Some(t) = self.l2.get(&off) else {
                 continue;
@@ -327,9 +355,11 @@ impl Meta {
     pub async fn set_l2_entry(&mut self, gc: u64, entry: u64) -> Result<u64> {
         let off = self.l2_for_write(gc).await?;
         let (_, j) = self.l2_index(gc);
+        let epoch = self.rc_epoch;
         let t = self.load_l2(off).await?;
         t.data[j] = entry;
         t.dirty = true;
+        t.epoch = t.epoch.max(epoch);
         Ok(off)
     }
 
@@ -357,8 +387,7 @@ impl Meta {
         self.flush_refblocks().await?;
         self.write_bytes(new, to_be_bytes(&content)).await?;
         // The table and its refcount are durable before the L1 entry points to it.
-        self.file.flush().await?;
-        self.refblocks_unsynced = false;
+        self.sync_refcounts().await?;
         self.make_room_l2().await?;
         self.l2.insert(new, Cached::clean(content, self.tick));
         self.l1[i] = new | COPIED;
@@ -427,6 +456,7 @@ impl Meta {
         let b = self.load_rb(off).await?;
         set_refcount(&mut b.data, (cluster % epb) as usize, order, value);
         b.dirty = true;
+        self.rc_epoch += 1;
         if value > 0 {
             self.end_cluster = self.end_cluster.max(cluster + 1);
         }
@@ -483,14 +513,15 @@ impl Meta {
             .filter(|(_, b)| b.dirty)
             .map(|(&o, _)| o)
             .collect();
+        let upto = self.rc_epoch;
         if dirty.is_empty() {
+            self.written_epoch = upto;
             return Ok(false);
         }
         if self.sync_before_refcounts {
             self.file.flush().await?;
             self.sync_before_refcounts = false;
         }
-        self.refblocks_unsynced = true;
         for off in dirty {
             let Some(b) = self.rb.get(&off) else {
                 continue;
@@ -501,6 +532,7 @@ impl Meta {
                 b.dirty = false;
             }
         }
+        self.written_epoch = upto;
         Ok(true)
     }
 
@@ -525,7 +557,7 @@ impl Meta {
         set_refcount(&mut data, 0, self.header.refcount_order, 1);
         self.write_bytes(off, data.clone()).await?;
         // The block is durable before the table entry that points to it.
-        self.file.flush().await?;
+        self.sync_refcounts().await?;
         self.rt[bi as usize] = off;
         let entry_off = self.header.refcount_table_offset + bi * 8;
         self.write_bytes(entry_off, off.to_be_bytes().to_vec())
@@ -619,7 +651,7 @@ impl Meta {
         let table_off = (start + k) * cs;
         self.write_bytes(table_off, to_be_bytes(&new_rt)).await?;
         self.flush_refblocks().await?;
-        self.file.flush().await?;
+        self.sync_refcounts().await?;
         let mut hdr = Vec::with_capacity(12);
         hdr.extend_from_slice(&table_off.to_be_bytes());
         hdr.extend_from_slice(&(t as u32).to_be_bytes());
@@ -751,24 +783,47 @@ impl Meta {
         Ok(off)
     }
 
-    /// Writes back every dirty table (refcounts, sync, L2, L1 entries). The caller syncs the
+    /// Writes back every dirty table (L1 entries, refcounts, sync, L2). The caller syncs the
     /// file after.
     pub async fn flush(&mut self) -> Result<()> {
+        self.flush_refcounts().await?;
+        let dirty = self.dirty_l2();
+        self.write_back_l2(&dirty).await
+    }
+
+    /// The first half of a flush that does not hold the metadata lock across the sync: writes
+    /// the pending L1 entries and every dirty refcount block, and returns the epoch to sync.
+    pub async fn flush_refcounts(&mut self) -> Result<u64> {
         let pending: Vec<usize> = self.l1_dirty.iter().copied().collect();
         for i in pending {
             self.write_l1_entry(i).await?;
         }
-        let dirty: Vec<u64> = self
+        self.flush_refblocks().await?;
+        Ok(self.written_epoch)
+    }
+
+    /// The second half: the file was synced after [`flush_refcounts`](Self::flush_refcounts)
+    /// returned `epoch`; writes every dirty L2 table whose refcounts that sync made durable.
+    /// Tables changed since may need later refcounts: they wait for the next flush (writes
+    /// that completed before the flush began changed theirs before `epoch`).
+    pub async fn flush_tables_synced(&mut self, epoch: u64) -> Result<()> {
+        self.synced_epoch = self.synced_epoch.max(epoch);
+        let synced = self.synced_epoch;
+        let ready: Vec<u64> = self
             .l2
+            .iter()
+            .filter(|(_, t)| t.dirty && t.epoch <= synced)
+            .map(|(&o, _)| o)
+            .collect();
+        self.write_l2_tables(&ready).await
+    }
+
+    fn dirty_l2(&self) -> Vec<u64> {
+        self.l2
             .iter()
             .filter(|(_, t)| t.dirty)
             .map(|(&o, _)| o)
-            .collect();
-        if dirty.is_empty() {
-            self.flush_refblocks().await?;
-            return Ok(());
-        }
-        self.write_back_l2(&dirty).await
+            .collect()
     }
 }
 

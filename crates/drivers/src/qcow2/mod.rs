@@ -223,11 +223,16 @@ impl BlockDriver for Qcow2Driver {
         Qcow2Driver::store_bitmaps(self, bitmaps).await
     }
 
+    /// Refcounts are synced before the L2 tables that need them are written, without holding
+    /// the metadata lock across that sync: lookups and writes to allocated clusters go on
+    /// meanwhile.
     async fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        self.meta.lock().await.flush().await?;
+        let epoch = self.meta.lock().await.flush_refcounts().await?;
+        self.file.flush().await?;
+        self.meta.lock().await.flush_tables_synced(epoch).await?;
         self.file.flush().await
     }
 
