@@ -1,7 +1,17 @@
 //! The end of a job: its `run` returned, so it waits for its transaction, then is finalized
 //! (prepare, commit or abort, clean) with the rest of it, or aborted with it.
+//!
+//! Deciding happens under the manager's lock; the drivers' callbacks do not. A decision
+//! queues its transaction (`State::deferred`) and marks it finalizing; every entry point that
+//! can decide (a job's `run` returning, `job-finalize`, `job-cancel`) calls [`settle`]
+//! after releasing the lock, which runs the queued finalizations: for each member in order,
+//! its status is settled under the lock, its callbacks run unlocked, and its events and
+//! `concluded` follow under the lock again — the same order of events as before.
+//!
+//! [`settle`]: JobManager::settle
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::driver::*;
 use crate::manager::*;
@@ -11,8 +21,11 @@ use crate::verbs::cancel_async;
 impl JobManager {
     /// `run` returned (or was abandoned): QEMU's job_completed.
     pub(crate) async fn run_finished(&self, id: &str, result: Result<(), String>) {
-        let mut st = self.lock().await;
-        self.completed_locked(&mut st, id, result).await;
+        {
+            let mut st = self.lock().await;
+            self.completed_locked(&mut st, id, result).await;
+        }
+        self.settle().await;
     }
 
     pub(crate) async fn completed_locked(
@@ -87,45 +100,98 @@ impl JobManager {
         if members.iter().any(|&m| !st.jobs[m].run_done) {
             return; // the last one to finish finalizes them all
         }
-        for id in members
-            .iter()
-            .map(|&m| st.jobs[m].id.clone())
-            .collect::<Vec<_>>()
-        {
-            self.finalize_single(st, &id).await;
+        Self::defer(st, txn, false);
+    }
+
+    /// Queues the finalization of `txn` (`prepare` first when `prepare`), once.
+    fn defer(st: &mut State, txn: TxnId, prepare: bool) {
+        if st.finalizing.contains(&txn) {
+            return;
         }
+        st.finalizing.push(txn);
+        st.deferred.push_back((txn, prepare));
+    }
+
+    /// Runs the finalizations decided so far (see the module docs).
+    pub(crate) async fn settle(&self) {
+        loop {
+            let next = self.lock().await.deferred.pop_front();
+            let Some((txn, prepare)) = next else {
+                return;
+            };
+            if prepare {
+                self.prepare_all(txn).await;
+            }
+            self.conclude_all(txn).await;
+        }
+    }
+
+    /// Every member's `prepare`, unlocked; the first failure fails its job and cancels the
+    /// others, so all of them abort.
+    async fn prepare_all(&self, txn: TxnId) {
+        let drivers: Vec<(String, Arc<dyn JobDriver>)> = {
+            let st = self.lock().await;
+            st.members(txn)
+                .iter()
+                .map(|&m| (st.jobs[m].id.clone(), st.jobs[m].driver.clone()))
+                .collect()
+        };
+        for (id, driver) in drivers {
+            if let Err(e) = driver.prepare().await {
+                let mut st = self.lock().await;
+                if let Ok(i) = st.idx(&id) {
+                    st.jobs[i].error = Some(e);
+                    self.update_rc(&mut st.jobs[i]);
+                }
+                for m in st.members(txn) {
+                    if st.jobs[m].error.is_none() {
+                        cancel_async(&mut st.jobs[m], true);
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    /// Commits or aborts, then cleans, every member, one after the other.
+    async fn conclude_all(&self, txn: TxnId) {
+        let ids: Vec<String> = {
+            let st = self.lock().await;
+            st.members(txn)
+                .iter()
+                .map(|&m| st.jobs[m].id.clone())
+                .collect()
+        };
+        for id in ids {
+            let step = {
+                let mut st = self.lock().await;
+                let Ok(i) = st.idx(&id) else { continue };
+                self.update_rc(&mut st.jobs[i]);
+                (st.jobs[i].driver.clone(), st.jobs[i].error.is_none())
+            };
+            let (driver, commit) = step;
+            if commit {
+                driver.commit().await;
+            } else {
+                driver.abort().await;
+            }
+            driver.clean().await;
+            let mut st = self.lock().await;
+            if let Ok(i) = st.idx(&id) {
+                self.concluded(&mut st, i);
+            }
+        }
+        let mut st = self.lock().await;
+        st.finalizing.retain(|t| *t != txn);
         st.aborting_txns.retain(|t| *t != txn);
     }
 
     pub(crate) async fn do_finalize(&self, st: &mut State, txn: TxnId) {
-        let members = st.members(txn);
-        for &m in &members {
-            if let Err(e) = st.jobs[m].driver.prepare().await {
-                st.jobs[m].error = Some(e);
-                self.update_rc(&mut st.jobs[m]);
-                self.txn_abort(st, txn).await;
-                return;
-            }
-        }
-        for id in members
-            .iter()
-            .map(|&m| st.jobs[m].id.clone())
-            .collect::<Vec<_>>()
-        {
-            self.finalize_single(st, &id).await;
-        }
+        Self::defer(st, txn, true);
     }
 
-    pub(crate) async fn finalize_single(&self, st: &mut State, id: &str) {
-        let Ok(i) = st.idx(id) else { return };
-        self.update_rc(&mut st.jobs[i]);
-        let driver = st.jobs[i].driver.clone();
-        if st.jobs[i].error.is_none() {
-            driver.commit().await;
-        } else {
-            driver.abort().await;
-        }
-        driver.clean().await;
+    /// A member's callbacks ran: its last event, `concluded`, and dismissal.
+    fn concluded(&self, st: &mut State, i: usize) {
         let job = &mut st.jobs[i];
         if job.started && job.block {
             let info = job.info();

@@ -14,8 +14,9 @@
 //!
 //! All transitions happen under one lock and emit `JOB_STATUS_CHANGE` through the one
 //! `transition` function, so events come out in the order the transitions happen. The
-//! driver callbacks of finalization (prepare, commit, abort, clean) run under that lock: they
-//! must not call back into the manager.
+//! driver callbacks of finalization (prepare, commit, abort, clean) run without that lock, so
+//! a long one (a graph edit that drains a busy node) never blocks `query-jobs` or another
+//! job's verbs; they may call back into the manager.
 //!
 //! Where this differs from QEMU, on purpose:
 //! - Internal pauses ([`JobManager::pause_internal`], e.g. while the graph changes) stop a job
@@ -145,6 +146,10 @@ pub(crate) struct State {
     pub(crate) jobs: Vec<JobRec>,
     pub(crate) aborting_txns: Vec<TxnId>,
     pub(crate) next_txn: u64,
+    /// Transactions whose finalization was decided and waits to run (see `finalize`).
+    pub(crate) deferred: std::collections::VecDeque<(TxnId, bool)>,
+    /// Transactions being finalized right now, their drivers' callbacks running unlocked.
+    pub(crate) finalizing: Vec<TxnId>,
 }
 
 impl State {

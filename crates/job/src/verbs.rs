@@ -119,10 +119,17 @@ impl JobManager {
 
     /// `job-cancel` (`force`) or `block-job-cancel` (soft unless `force`).
     pub async fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
-        let mut st = self.lock().await;
-        let i = st.idx(id)?;
-        check(&st.jobs[i], JobVerb::Cancel)?;
-        self.cancel_locked(&mut st, i, force).await;
+        {
+            let mut st = self.lock().await;
+            let i = st.idx(id)?;
+            check(&st.jobs[i], JobVerb::Cancel)?;
+            if st.finalizing.contains(&st.jobs[i].txn) {
+                // Its finalization is decided and running: that is how it ends.
+                return Ok(());
+            }
+            self.cancel_locked(&mut st, i, force).await;
+        }
+        self.settle().await;
         Ok(())
     }
 
@@ -166,11 +173,14 @@ impl JobManager {
 
     /// `job-finalize`: finalizes every job of the transaction.
     pub async fn finalize(&self, id: &str) -> Result<(), JobError> {
-        let mut st = self.lock().await;
-        let i = st.idx(id)?;
-        check(&st.jobs[i], JobVerb::Finalize)?;
-        let txn = st.jobs[i].txn;
-        self.do_finalize(&mut st, txn).await;
+        {
+            let mut st = self.lock().await;
+            let i = st.idx(id)?;
+            check(&st.jobs[i], JobVerb::Finalize)?;
+            let txn = st.jobs[i].txn;
+            self.do_finalize(&mut st, txn).await;
+        }
+        self.settle().await;
         Ok(())
     }
 

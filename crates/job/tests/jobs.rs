@@ -804,3 +804,74 @@ async fn ids_are_checked() {
         "Job ID 'j' already in use"
     );
 }
+
+/// A job whose commit waits until released, as a completion step that drains a busy node
+/// to edit the graph would.
+struct SlowCommit {
+    release: Arc<Semaphore>,
+    committed: Arc<Mutex<bool>>,
+}
+
+#[async_trait]
+impl JobDriver for SlowCommit {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+    async fn run(&self, _ctx: JobContext) -> Result<(), String> {
+        Ok(())
+    }
+    async fn commit(&self) {
+        if let Ok(p) = self.release.acquire().await {
+            p.forget();
+        }
+        *self.committed.lock().expect("committed") = true;
+    }
+}
+
+/// Finalization callbacks run without the manager's lock: while one job's commit waits,
+/// queries answer, another job takes its verbs, and a cancel of the finalizing job changes
+/// nothing (its finalization is decided).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_commit_blocks_neither_queries_nor_other_jobs() {
+    let w = World::new();
+    let release = Arc::new(Semaphore::new(0));
+    let committed = Arc::new(Mutex::new(false));
+    let slow = SlowCommit {
+        release: release.clone(),
+        committed: committed.clone(),
+    };
+    w.mgr
+        .create(Arc::new(slow), block("slow"))
+        .await
+        .expect("create");
+    w.add(w.fake(1000), block("other")).await;
+    w.mgr.start("other").await.expect("start");
+    w.mgr.start("slow").await.expect("start");
+    let within = Duration::from_secs(2);
+    tokio::time::timeout(within, w.wait_for("slow", Some(JobStatus::Pending)))
+        .await
+        .expect("the job's status is readable while its commit waits");
+    let list = tokio::time::timeout(within, w.mgr.query())
+        .await
+        .expect("query-jobs answers during the commit");
+    assert_eq!(list.len(), 2);
+    tokio::time::timeout(within, w.mgr.pause("other"))
+        .await
+        .expect("another job's verb answers")
+        .expect("pause");
+    tokio::time::timeout(within, w.mgr.cancel("slow", true))
+        .await
+        .expect("cancel answers")
+        .expect("cancel");
+    assert!(!*committed.lock().expect("committed"));
+    release.add_permits(1);
+    w.wait_for("slow", None).await;
+    assert!(*committed.lock().expect("committed"));
+    let trace = w.trace();
+    assert!(
+        trace.iter().any(|e| e == "COMPLETED(slow)"),
+        "committed, not cancelled: {trace:?}"
+    );
+    w.mgr.cancel("other", true).await.expect("cancel other");
+    w.wait_for("other", None).await;
+}
