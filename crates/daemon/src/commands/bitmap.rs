@@ -361,32 +361,42 @@ pub fn sha256(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
     Ok(json!({ "sha256": hex }))
 }
 
-/// `dirty-bitmaps` of a node for the queries: newest first; `None` when it has none.
+/// `dirty-bitmaps` of a node for the queries: newest first; `None` when it has none. A
+/// bitmap frozen for a job counts as recording (its successor records) and busy, and the
+/// successor is listed too, unnamed, where its creation puts it — as qsd shows them during an
+/// incremental backup.
 pub fn dirty_info(node: &BlockNode) -> Option<Value> {
     let bitmaps = node.bitmaps();
     if bitmaps.is_empty() {
         return None;
     }
-    let list = bitmaps
-        .iter()
-        .rev()
-        .map(|b| {
-            let mut m = Map::new();
-            if let Some(n) = b.name() {
-                m.insert("name".into(), json!(n));
-            }
-            m.insert("recording".into(), json!(b.recording()));
-            m.insert("persistent".into(), json!(b.persistent()));
-            m.insert("busy".into(), json!(b.busy()));
-            m.insert("granularity".into(), json!(b.granularity()));
-            m.insert("count".into(), json!(b.dirty_bytes()));
-            if b.inconsistent() {
-                m.insert("inconsistent".into(), json!(true));
-            }
-            Value::Object(m)
-        })
-        .collect();
-    Some(Value::Array(list))
+    let entry = |b: &DirtyBitmap, recording: bool| {
+        let mut m = Map::new();
+        if let Some(n) = b.name() {
+            m.insert("name".into(), json!(n));
+        }
+        m.insert("recording".into(), json!(recording));
+        m.insert("persistent".into(), json!(b.persistent()));
+        m.insert("busy".into(), json!(b.busy()));
+        m.insert("granularity".into(), json!(b.granularity()));
+        m.insert("count".into(), json!(b.dirty_bytes()));
+        if b.inconsistent() {
+            m.insert("inconsistent".into(), json!(true));
+        }
+        Value::Object(m)
+    };
+    let mut listed: Vec<(u64, Value)> = Vec::new();
+    for b in bitmaps.iter() {
+        let successor = b.successor();
+        let recording = b.recording() || successor.is_some_and(DirtyBitmap::recording);
+        listed.push((b.id(), entry(b, recording)));
+        if let Some(s) = successor {
+            listed.push((s.id(), entry(s, s.recording())));
+        }
+    }
+    // Ids follow creation order: newest first.
+    listed.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+    Some(Value::Array(listed.into_iter().map(|(_, v)| v).collect()))
 }
 
 /// Runs a bitmap command outside a transaction: the change is final at once.
@@ -423,5 +433,37 @@ mod tests {
         );
         drop(handle);
         assert!(dirty_info(&node).is_none());
+    }
+
+    /// What qsd 10.0.2 lists on the source of an incremental backup of bitmap `inc` (bitmaps
+    /// `old`, `inc`, `new` added in that order): the successor first, `inc` busy and
+    /// recording.
+    #[test]
+    fn a_frozen_bitmap_and_its_successor_are_listed_as_qsd_lists_them() {
+        let node = BlockNode::new("src", Arc::new(NullDriver::new(16 << 20)));
+        for name in ["old", "inc", "new"] {
+            let b = DirtyBitmap::new(Some(name.into()), 16 << 20, 65536).expect("bitmap");
+            node.bitmaps().push(b);
+        }
+        node.with_bitmap("inc", DirtyBitmap::create_successor)
+            .expect("inc")
+            .expect("successor");
+        let entry = |name: Option<&str>, busy: bool| {
+            let mut v = json!({"recording": true, "persistent": false, "busy": busy,
+                               "granularity": 65536, "count": 0});
+            if let Some(n) = name {
+                v["name"] = json!(n);
+            }
+            v
+        };
+        assert_eq!(
+            dirty_info(&node).expect("listed"),
+            json!([
+                entry(None, false),
+                entry(Some("new"), false),
+                entry(Some("inc"), true),
+                entry(Some("old"), false)
+            ])
+        );
     }
 }
