@@ -9,23 +9,79 @@ use block::{BlockBackend, BlockNode, ChildRole, EdgePerm, Perm};
 use nbd::server::{Listener, MetaContext};
 use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
 use qmp::{QmpError, QmpResult};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::bitmap;
+use super::decode;
 use crate::control::Control;
 use crate::exports::{BitmapContext, RemoveMode};
 use crate::nodes::error_text;
 
-fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
+/// `nbd-server-start`'s arguments: the address in QMP's legacy form (`{type, data: {…}}`).
+#[derive(Debug, Deserialize)]
+struct ServerStartArgs {
+    addr: LegacyAddress,
+    #[serde(rename = "max-connections", default = "default_max_connections")]
+    max_connections: u32,
+    #[serde(
+        rename = "handshake-max-seconds",
+        default = "default_handshake_seconds"
+    )]
+    handshake_max_seconds: u64,
 }
 
-fn b(m: &Map<String, Value>, k: &str) -> Option<bool> {
-    m.get(k).and_then(Value::as_bool)
+fn default_max_connections() -> u32 {
+    100
 }
 
-fn u(m: &Map<String, Value>, k: &str) -> Option<u64> {
-    m.get(k).and_then(Value::as_u64)
+fn default_handshake_seconds() -> u64 {
+    10
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+enum LegacyAddress {
+    Unix { path: String },
+    Inet { host: String, port: String },
+}
+
+/// `block-export-add`'s arguments (type nbd).
+#[derive(Debug, Deserialize)]
+struct ExportAddArgs {
+    id: String,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    name: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    writable: bool,
+    #[serde(default)]
+    writethrough: bool,
+    #[serde(rename = "allocation-depth", default)]
+    allocation_depth: bool,
+    #[serde(default)]
+    bitmaps: Vec<Value>,
+}
+
+/// `nbd-server-add`'s arguments (deprecated).
+#[derive(Debug, Deserialize)]
+struct NbdServerAddArgs {
+    device: String,
+    name: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    writable: bool,
+    bitmap: Option<Value>,
+}
+
+/// `block-export-del` (`id`) and `nbd-server-remove` (`name`).
+#[derive(Debug, Deserialize)]
+struct ExportDelArgs {
+    #[serde(alias = "name")]
+    id: String,
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 /// Binds a unix socket, replacing a stale socket file, as QEMU does.
@@ -43,34 +99,26 @@ pub async fn server_start(ctl: &mut Control, args: &Map<String, Value>) -> QmpRe
     if ctl.exports.server().is_some() {
         return Err(QmpError::generic("NBD server already running"));
     }
-    let addr = args.get("addr").and_then(Value::as_object);
-    let data = addr
-        .and_then(|a| a.get("data"))
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let (listener, socket) = match addr.and_then(|a| s(a, "type")) {
-        Some("unix") => {
-            let path = s(&data, "path").unwrap_or_default();
+    let args: ServerStartArgs = decode(args)?;
+    let (listener, socket) = match &args.addr {
+        LegacyAddress::Unix { path } => {
             let l = bind_unix(path)
                 .map_err(|e| QmpError::generic(format!("Failed to bind socket to {path}: {e}")))?;
             (Listener::Unix(l), Some(PathBuf::from(path)))
         }
-        _ => {
-            let host = s(&data, "host").unwrap_or_default();
-            let port = s(&data, "port").unwrap_or_default();
+        LegacyAddress::Inet { host, port } => {
             let port: u16 = port
                 .parse()
                 .map_err(|_| QmpError::generic(format!("Failed to parse port '{port}'")))?;
-            let l = tokio::net::TcpListener::bind((host, port))
+            let l = tokio::net::TcpListener::bind((host.as_str(), port))
                 .await
                 .map_err(|e| QmpError::generic(format!("Failed to bind socket: {e}")))?;
             (Listener::Tcp(l), None)
         }
     };
     let config = ServerConfig {
-        max_connections: u(args, "max-connections").unwrap_or(100) as u32,
-        handshake_timeout: match u(args, "handshake-max-seconds").unwrap_or(10) {
+        max_connections: args.max_connections,
+        handshake_timeout: match args.handshake_max_seconds {
             0 => None,
             n => Some(Duration::from_secs(n)),
         },
@@ -259,23 +307,19 @@ fn export_bitmaps(
 
 /// `block-export-add` (type nbd).
 pub fn block_export_add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let bitmaps = args
-        .get("bitmaps")
-        .and_then(Value::as_array)
-        .map(|v| v.iter().collect())
-        .unwrap_or_default();
+    let a: ExportAddArgs = decode(args)?;
     add(
         ctl,
         NewExport {
-            id: s(args, "id").unwrap_or_default(),
-            node_name: s(args, "node-name").unwrap_or_default(),
+            id: &a.id,
+            node_name: &a.node_name,
             device: None,
-            name: s(args, "name"),
-            description: s(args, "description"),
-            writable: b(args, "writable").unwrap_or(false),
-            writethrough: b(args, "writethrough").unwrap_or(false),
-            allocation_depth: b(args, "allocation-depth").unwrap_or(false),
-            bitmaps,
+            name: a.name.as_deref(),
+            description: a.description.as_deref(),
+            writable: a.writable,
+            writethrough: a.writethrough,
+            allocation_depth: a.allocation_depth,
+            bitmaps: a.bitmaps.iter().collect(),
         },
     )
 }
@@ -285,8 +329,9 @@ pub fn nbd_server_add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult
     if ctl.exports.server().is_none() {
         return Err(QmpError::generic("NBD server not running"));
     }
-    let device = s(args, "device").unwrap_or_default();
-    let name = s(args, "name").unwrap_or(device);
+    let a: NbdServerAddArgs = decode(args)?;
+    let device = a.device.as_str();
+    let name = a.name.as_deref().unwrap_or(device);
     add(
         ctl,
         NewExport {
@@ -294,38 +339,29 @@ pub fn nbd_server_add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult
             node_name: device,
             device: Some(device),
             name: Some(name),
-            description: s(args, "description"),
-            writable: b(args, "writable").unwrap_or(false),
+            description: a.description.as_deref(),
+            writable: a.writable,
             writethrough: false,
             allocation_depth: false,
-            bitmaps: args.get("bitmap").into_iter().collect(),
+            bitmaps: a.bitmap.iter().collect(),
         },
     )
 }
 
-fn mode(args: &Map<String, Value>) -> RemoveMode {
-    match s(args, "mode") {
+/// `block-export-del`, and the deprecated `nbd-server-remove` (`block-export-del` by name).
+pub fn block_export_del(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
+    let a: ExportDelArgs = decode(args)?;
+    let mode = match a.mode.as_deref() {
         Some("hard") => RemoveMode::Hard,
         _ => RemoveMode::Safe,
-    }
-}
-
-/// `block-export-del`.
-pub fn block_export_del(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let id = s(args, "id").unwrap_or_default();
-    ctl.exports
-        .delete(id, mode(args))
-        .map_err(QmpError::generic)?;
+    };
+    ctl.exports.delete(&a.id, mode).map_err(QmpError::generic)?;
     Ok(json!({}))
 }
 
 /// `nbd-server-remove` (deprecated): `block-export-del` by id.
 pub fn nbd_server_remove(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let name = s(args, "name").unwrap_or_default();
-    ctl.exports
-        .delete(name, mode(args))
-        .map_err(QmpError::generic)?;
-    Ok(json!({}))
+    block_export_del(ctl, args)
 }
 
 fn generic(e: block::BlockError) -> QmpError {
