@@ -27,10 +27,10 @@ impl BlockBackend {
         }
     }
 
-    /// A backend for `user` (described as QEMU describes it: `an unnamed block device`,
-    /// `backup job 'j0'`) needing `need` of `node`; refused as [`Child::attach`] refuses.
-    pub fn attach(node: Arc<BlockNode>, user: impl Into<String>, need: EdgePerm) -> Result<Self> {
-        let spec = EdgeSpec::new(ChildRole::Root, Parent::User(user.into()));
+    /// A backend for `user` ([`Parent::unnamed`] for an export, `backup job 'j0'` for a job)
+    /// needing `need` of `node`; refused as [`Child::attach`] refuses.
+    pub fn attach(node: Arc<BlockNode>, user: Parent, need: EdgePerm) -> Result<Self> {
+        let spec = EdgeSpec::new(ChildRole::Root, user);
         Ok(Self {
             root: Child::attach(spec, node, need)?,
         })

@@ -195,10 +195,7 @@ impl Child {
 
     /// Who holds the edge.
     pub fn parent(&self) -> Parent {
-        self.parent
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Parent::User("an unnamed block device".into()))
+        self.parent.get().cloned().unwrap_or_else(Parent::unnamed)
     }
 
     /// The parent node's name, when a node holds the edge.

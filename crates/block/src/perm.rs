@@ -64,11 +64,6 @@ impl Perm {
         self.0 == 0
     }
 
-    /// The raw bits (bit i is the i-th permission in QEMU's order).
-    pub fn bits(self) -> u8 {
-        self.0
-    }
-
     /// Each permission of the set alone, in QEMU's order, with its bit index.
     pub fn each(self) -> impl Iterator<Item = (u8, Perm)> {
         (0u8..4)
@@ -210,6 +205,14 @@ pub enum Parent {
     /// A user outside the graph, described as QEMU describes it (`an unnamed block device`,
     /// `backup job 'j0'`).
     User(String),
+}
+
+impl Parent {
+    /// A user outside the graph with no name of its own (an export, a create job), as QEMU
+    /// describes such a block backend.
+    pub fn unnamed() -> Parent {
+        Parent::User("an unnamed block device".into())
+    }
 }
 
 impl fmt::Display for Parent {
@@ -487,8 +490,7 @@ mod tests {
         let raw = over("r", &f, PermPolicy::Filtered, true).expect("raw");
         assert_eq!(committed(&drv), Some(EdgePerm::FREE), "nobody uses raw yet");
         let need = EdgePerm::new(Perm::CONSISTENT_READ | Perm::WRITE, !Perm::RESIZE);
-        let backend =
-            BlockBackend::attach(raw.clone(), "an unnamed block device", need).expect("export");
+        let backend = BlockBackend::attach(raw.clone(), Parent::unnamed(), need).expect("export");
         assert_eq!(
             committed(&drv),
             Some(need),
@@ -503,7 +505,7 @@ mod tests {
         // A read-only file refuses a writer above a raw node, not the raw node itself.
         let (ro, _) = leaf("ro", false, Perm::NONE);
         let raw = over("r2", &ro, PermPolicy::Filtered, true).expect("raw over read-only");
-        let err = BlockBackend::attach(raw, "x", need).expect_err("writer");
+        let err = BlockBackend::attach(raw, Parent::User("x".into()), need).expect_err("writer");
         assert_eq!(err.to_string(), "Block node is read-only");
         assert!(over("q", &ro, PermPolicy::Image, true).is_err());
     }
@@ -513,7 +515,7 @@ mod tests {
         let (f, drv) = leaf("f", true, Perm::WRITE);
         let raw = over("r", &f, PermPolicy::Filtered, true).expect("raw");
         let read = EdgePerm::new(Perm::CONSISTENT_READ, Perm::ALL);
-        let b = BlockBackend::attach(raw.clone(), "x", read).expect("reader");
+        let b = BlockBackend::attach(raw.clone(), Parent::User("x".into()), read).expect("reader");
         let write = EdgePerm::new(Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL);
         let err = b.set_need(write).expect_err("locked");
         assert_eq!(err.to_string(), "Failed to get \"write\" lock");
@@ -527,7 +529,8 @@ mod tests {
         let (a, _) = leaf("a", true, Perm::NONE);
         let (b, _) = leaf("b", false, Perm::NONE);
         let need = EdgePerm::new(Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL);
-        let backend = BlockBackend::attach(a.clone(), "x", need).expect("writer");
+        let backend =
+            BlockBackend::attach(a.clone(), Parent::User("x".into()), need).expect("writer");
         // b is read-only: the writer cannot move there, and stays on a.
         let err = crate::graph::replace_node(&a, &b, None)
             .await

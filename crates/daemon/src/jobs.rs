@@ -130,10 +130,7 @@ impl CreateJob {
                 let node = file.clone()?;
                 // Written and grown as QEMU's create does it: refused while a format uses
                 // the node (two allocators on one file) or another process locks the image.
-                let spec = EdgeSpec::new(
-                    ChildRole::Root,
-                    Parent::User("an unnamed block device".into()),
-                );
+                let spec = EdgeSpec::new(ChildRole::Root, Parent::unnamed());
                 let need = EdgePerm::new(Perm::WRITE | Perm::RESIZE, Perm::ALL);
                 let child =
                     Child::attach(spec, node, need).map_err(|e| crate::nodes::error_text(&e))?;

@@ -173,24 +173,20 @@ impl ImageLocks {
     /// Refuses `need` when another process (or another node) does not share a permission we
     /// need, or holds one we do not share.
     fn check(fd: i32, need: EdgePerm) -> Result<()> {
+        let held = |base: i64, i: u8| {
+            locked_elsewhere(fd, base + i64::from(i))
+                .map_err(|e| BlockError::io("Failed to check lock", e))
+        };
         for (i, p) in need.perm.each() {
-            if locked_elsewhere(fd, LOCK_SHARED_BASE + i64::from(i))
-                .map_err(|e| BlockError::io("Failed to check lock", e))?
-            {
-                return Err(lock_error(
-                    format!("Failed to get \"{}\" lock", p.names()),
-                    std::io::Error::from_raw_os_error(libc::EAGAIN),
-                ));
+            if held(LOCK_SHARED_BASE, i)? {
+                let msg = format!("Failed to get \"{}\" lock", p.names());
+                return Err(BlockError::new(ErrorKind::InvalidArgument, msg));
             }
         }
         for (i, p) in (!need.shared).each() {
-            if locked_elsewhere(fd, LOCK_PERM_BASE + i64::from(i))
-                .map_err(|e| BlockError::io("Failed to check lock", e))?
-            {
-                return Err(lock_error(
-                    format!("Failed to get shared \"{}\" lock", p.names()),
-                    std::io::Error::from_raw_os_error(libc::EAGAIN),
-                ));
+            if held(LOCK_PERM_BASE, i)? {
+                let msg = format!("Failed to get shared \"{}\" lock", p.names());
+                return Err(BlockError::new(ErrorKind::InvalidArgument, msg));
             }
         }
         Ok(())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{BlockBackend, BlockNode, ChildRole, EdgePerm, Perm};
+use block::{BlockBackend, BlockNode, ChildRole, EdgePerm, Parent, Perm};
 use nbd::server::{Listener, MetaContext};
 use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
 use qmp::{QmpError, QmpResult};
@@ -184,8 +184,7 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
     if x.writable {
         need.perm |= Perm::WRITE;
     }
-    let backend =
-        BlockBackend::attach(node.clone(), "an unnamed block device", need).map_err(generic)?;
+    let backend = BlockBackend::attach(node.clone(), Parent::unnamed(), need).map_err(generic)?;
     let Some(server) = ctl.exports.server().cloned() else {
         return Err(QmpError::generic("NBD server not running"));
     };
