@@ -138,6 +138,13 @@ impl Child {
         Self::unchecked(role, role.name(), role.default_policy(), None, node)
     }
 
+    /// A new edge described by `spec`, registered as a parent of `node`, needing nothing yet:
+    /// its needs are set by the next [`perm::refresh`] over its parent (a filter being
+    /// inserted).
+    pub fn detached(spec: EdgeSpec, node: Arc<BlockNode>) -> Arc<Child> {
+        Self::unchecked(spec.role, spec.name, spec.policy, Some(spec.parent), node)
+    }
+
     fn unchecked(
         role: ChildRole,
         name: &'static str,

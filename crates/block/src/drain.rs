@@ -21,7 +21,7 @@ tokio::task_local! {
 }
 
 /// `f`, to run where the current task's passes hold too (in a task spawned to finish it).
-pub(crate) fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
+pub fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
     let pass = PASS.try_with(Clone::clone).ok();
     async move {
         match pass {

@@ -35,6 +35,21 @@ pub struct BlockError {
     source: Option<io::Error>,
 }
 
+impl Clone for BlockError {
+    /// The same kind and context; the OS error is rebuilt from its number (or its text), for
+    /// handing one failure to several waiters.
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind,
+            context: self.context.clone(),
+            source: self.source.as_ref().map(|e| match e.raw_os_error() {
+                Some(n) => io::Error::from_raw_os_error(n),
+                None => io::Error::new(e.kind(), e.to_string()),
+            }),
+        }
+    }
+}
+
 /// Result alias used across the block layer and the drivers.
 pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 
 use crate::drain::{run_passing, DrainGate, Drained};
 use crate::error::{BlockError, Result};
-use crate::node::{BlockNode, Child, ChildRole};
+use crate::node::{BlockNode, Child, ChildRole, EdgeSpec};
 use crate::perm;
 
 /// `nodes` and everything below them, each once, parents before children.
@@ -138,7 +138,20 @@ pub async fn insert_filter(
     node: &Arc<BlockNode>,
     make: impl FnOnce(Arc<Child>) -> Result<Arc<BlockNode>>,
 ) -> Result<Inserted> {
-    let edge = Child::new(ChildRole::Filtered, node.clone());
+    insert_filter_with(node, None, make).await
+}
+
+/// [`insert_filter`] with the filter's edge to `node` described by `spec` (a copy-before-write
+/// filter's `file` edge has a policy of its own).
+pub async fn insert_filter_with(
+    node: &Arc<BlockNode>,
+    spec: Option<EdgeSpec>,
+    make: impl FnOnce(Arc<Child>) -> Result<Arc<BlockNode>>,
+) -> Result<Inserted> {
+    let edge = match spec {
+        Some(spec) => Child::detached(spec, node.clone()),
+        None => Child::new(ChildRole::Filtered, node.clone()),
+    };
     let filter = make(edge.clone())?;
     let moved = replace_node(node, &filter, Some(&edge)).await?;
     Ok(Inserted {

@@ -122,7 +122,18 @@ impl BlockNode {
         self: &Arc<Self>,
         granularity: u64,
     ) -> std::result::Result<BitmapHandle, bitmap::BitmapError> {
-        let b = DirtyBitmap::new(None, self.len(), granularity)?;
+        self.add_internal_bitmap_with(granularity, true)
+    }
+
+    /// [`add_internal_bitmap`](Self::add_internal_bitmap), recording writes or not: a
+    /// block-copy's bitmap of what is left to copy records nothing by itself.
+    pub fn add_internal_bitmap_with(
+        self: &Arc<Self>,
+        granularity: u64,
+        recording: bool,
+    ) -> std::result::Result<BitmapHandle, bitmap::BitmapError> {
+        let mut b = DirtyBitmap::new(None, self.len(), granularity)?;
+        b.set_recording(recording);
         let id = b.id();
         lock(&self.bitmaps).push(b);
         Ok(BitmapHandle {

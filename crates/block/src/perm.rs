@@ -161,14 +161,33 @@ pub enum PermPolicy {
     /// A backing file: read consistently when the parent is; shared for writing only when
     /// the parent's own users share writing.
     Cow,
+    /// The source under a copy-before-write filter: what its parents need passes through,
+    /// and once the filter has a parent it also reads the source consistently and lets
+    /// nobody else write or resize it (a writer beside the filter would bypass it).
+    CopySource,
+    /// The target a node copies into (copy-before-write's `target`): written whatever the
+    /// parent's own users do; everyone else may do anything but resize it.
+    CopyTarget,
 }
 
 impl PermPolicy {
     /// What a parent with cumulative needs `of_parent` needs of a child over this edge.
-    /// `parent_writable`: the parent node was opened read-write.
-    pub fn child_perm(self, parent_writable: bool, of_parent: EdgePerm) -> EdgePerm {
+    /// `parent_writable`: the parent node was opened read-write; `has_parents`: something
+    /// uses the parent node (its cumulative needs come from at least one edge).
+    pub fn child_perm(
+        self,
+        parent_writable: bool,
+        has_parents: bool,
+        of_parent: EdgePerm,
+    ) -> EdgePerm {
         let EdgePerm { perm, shared } = of_parent;
         match self {
+            PermPolicy::CopySource if has_parents => EdgePerm::new(
+                perm | Perm::CONSISTENT_READ,
+                shared & !(Perm::WRITE | Perm::RESIZE),
+            ),
+            PermPolicy::CopySource => of_parent,
+            PermPolicy::CopyTarget => EdgePerm::new(Perm::WRITE, Perm::ALL & !Perm::RESIZE),
             PermPolicy::Fixed | PermPolicy::Filtered => of_parent,
             PermPolicy::Image => {
                 let mut perm = perm | Perm::CONSISTENT_READ;
@@ -308,7 +327,9 @@ fn refresh_locked(nodes: &[Arc<BlockNode>], changed: &[(&Arc<Child>, EdgePerm)])
         prepared.push(node);
         cumulative.push(cum);
         for child in node.driver_children() {
-            let p = child.policy().child_perm(node.writable(), cum);
+            let p = child
+                .policy()
+                .child_perm(node.writable(), !parents.is_empty(), cum);
             proposed.insert(Arc::as_ptr(&child), p);
         }
     }
@@ -439,7 +460,7 @@ mod tests {
         writable: bool,
     ) -> Result<Arc<BlockNode>> {
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(name.into())).policy(policy);
-        let need = policy.child_perm(writable, EdgePerm::FREE);
+        let need = policy.child_perm(writable, false, EdgePerm::FREE);
         let child = Child::attach(spec, below.clone(), need)?;
         Ok(BlockNode::new(
             name,
@@ -567,26 +588,26 @@ mod tests {
     fn policies_derive_child_needs_as_qemu_does() {
         let free = EdgePerm::FREE;
         // A writable qcow2 nobody uses still writes and resizes its file and shares neither.
-        let img = PermPolicy::Image.child_perm(true, free);
+        let img = PermPolicy::Image.child_perm(true, true, free);
         assert_eq!(img.perm, Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE);
         assert_eq!(img.shared, Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
         // Read-only: reads consistently, still shares no write.
-        let ro = PermPolicy::Image.child_perm(false, free);
+        let ro = PermPolicy::Image.child_perm(false, true, free);
         assert_eq!(ro.perm, Perm::CONSISTENT_READ);
         assert_eq!(ro.shared, img.shared);
         // A raw filter nobody uses takes nothing.
-        assert_eq!(PermPolicy::Filtered.child_perm(true, free), free);
+        assert_eq!(PermPolicy::Filtered.child_perm(true, true, free), free);
         // raw with an offset: nobody else may resize.
-        let data = PermPolicy::Data.child_perm(true, free);
+        let data = PermPolicy::Data.child_perm(true, true, free);
         assert_eq!(data, EdgePerm::new(Perm::NONE, !Perm::RESIZE));
         // Backing: consistent read at most; write shared only if the parent's users share it.
         let writer = EdgePerm::new(Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL);
-        let cow = PermPolicy::Cow.child_perm(true, writer);
+        let cow = PermPolicy::Cow.child_perm(true, true, writer);
         assert_eq!(cow.perm, Perm::CONSISTENT_READ);
         assert_eq!(cow.shared, Perm::ALL);
         let strict = EdgePerm::new(Perm::CONSISTENT_READ, Perm::CONSISTENT_READ);
         assert_eq!(
-            PermPolicy::Cow.child_perm(true, strict).shared,
+            PermPolicy::Cow.child_perm(true, true, strict).shared,
             Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
         );
     }

@@ -304,7 +304,9 @@ impl Nodes {
             Value::Object(m) => self.open(m, inherit, opening, false).await?,
             _ => return Err(QmpError::generic("Invalid child reference")),
         };
-        let need = spec.policy.child_perm(parent_writable, EdgePerm::FREE);
+        let need = spec
+            .policy
+            .child_perm(parent_writable, false, EdgePerm::FREE);
         Child::attach(spec, node, need).map_err(generic)
     }
 
@@ -404,9 +406,10 @@ impl Nodes {
                             opening,
                         )
                         .await?;
-                    let need = backing_spec
-                        .policy
-                        .child_perm(!own.read_only, EdgePerm::FREE);
+                    let need =
+                        backing_spec
+                            .policy
+                            .child_perm(!own.read_only, false, EdgePerm::FREE);
                     let edge = Child::attach(backing_spec, node, need).map_err(|e| {
                         QmpError::generic(format!(
                             "Could not open backing file: {}",

@@ -1,0 +1,770 @@
+//! The copy engine of backup and copy-before-write: copies ranges of a source node to a target
+//! node, cluster by cluster, exactly once each, whoever asks first.
+//!
+//! ```text
+//!   copy bitmap (what is left to copy, one bit per cluster, owned by a node as an unnamed
+//!   │            disabled bitmap, as QEMU shows it)
+//!   ▼
+//!   claim ─▶ task: Reading ─▶ Held(old data in memory) ─▶ written to the target ─▶ gone
+//!                     │                 │                        │ (failure)
+//!                     │ (failure)       │                        ▼
+//!                     ▼                 │          re-dirtied, or Stranded when a guest
+//!                re-dirtied             │          write already relied on the held data
+//!                                       ▼
+//!                   a guest write waiting on the range may go on here
+//! ```
+//!
+//! Two kinds of callers claim clusters: the guest's write path ([`BlockCopy::protect`], from
+//! the copy-before-write filter) and the background copy of a job ([`BlockCopy::copy_next`]).
+//! A claimed range belongs to one task; anyone else who needs it waits for that task instead
+//! of copying again.
+//!
+//! **What a guest write waits for.** QEMU holds a guest write until the old data has been read
+//! *and written to the target*. Here it waits until the old data has been read into memory
+//! (the task is *held*); the write to the target happens behind it, in the task's own tokio
+//! task, so a dropped request never strands a claimed range. The held data is bounded by a
+//! memory budget shared with the background copy: when it is full, a guest write waits for
+//! room, which comes as target writes complete. Whoever needs the point-in-time content of a
+//! held range (a snapshot read) takes it from memory. When the target's readers can see the
+//! source (fleecing: the source is in the target's backing chain), a held range would read as
+//! the new data through the target, so such a copy is `write_through` and guests wait for
+//! the target write as in QEMU.
+//!
+//! **Failures.** A failed read re-dirties its clusters and fails whoever waited for them
+//! (the guest write, under `break-guest-write`). A failed target write re-dirties its
+//! clusters if no guest write relied on the held data yet; otherwise the data is kept
+//! (*stranded*) and retried until it lands, and the error is reported to the job
+//! ([`BlockCopy::take_error`]), whose `on-target-error` decides. The point in time is never lost while the copy
+//! lives.
+//!
+//! Zero ranges (found by block status through the whole chain) are written as zeroes and never
+//! read; with `skip_unallocated` (sync=top), ranges the source's top layer does not allocate
+//! are skipped.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bitmap::DirtyBitmap;
+use block::map;
+use block::{BitmapHandle, BlockError, BlockNode, Child, ChildRole, IoVec, Result};
+use block::{WriteFlags, ZeroFlags};
+use bytes::Bytes;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+/// QEMU's default copy cluster (`BLOCK_COPY_CLUSTER_SIZE_DEFAULT`).
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+/// Largest buffered read or write of one task (`BLOCK_COPY_MAX_BUFFER`).
+pub const MAX_BUFFER: u64 = 1 << 20;
+/// Default number of background copy workers (`BLOCK_COPY_MAX_WORKERS`).
+pub const DEFAULT_MAX_WORKERS: usize = 64;
+/// Default memory budget for data being copied (`BLOCK_COPY_MAX_MEM`).
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+/// The budget is counted in units of this many bytes.
+const MEMORY_UNIT: u64 = 4096;
+
+/// How a [`BlockCopy`] copies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Copy granularity (a power of two, at least 512).
+    pub cluster_size: u64,
+    /// Largest range one task copies; 0: [`MAX_BUFFER`]. Rounded to clusters.
+    pub max_chunk: u64,
+    /// Write the target compressed (whole clusters).
+    pub compress: bool,
+    /// Bytes of data in memory at once, held for the target or being read.
+    pub memory: u64,
+    /// Guests wait for the target write (the target's readers see the source).
+    pub write_through: bool,
+}
+
+impl Options {
+    /// Defaults with `cluster_size`.
+    pub fn new(cluster_size: u64) -> Options {
+        Options {
+            cluster_size,
+            max_chunk: 0,
+            compress: false,
+            memory: DEFAULT_MEMORY,
+            write_through: false,
+        }
+    }
+}
+
+/// Progress reported by a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Bytes now in the target (data or zeroes).
+    Copied(u64),
+    /// Bytes found not to need copying (unallocated in the top layer, sync=top).
+    Skipped(u64),
+}
+
+/// Where progress goes.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// What one part of a task's range holds at the point in time.
+#[derive(Clone, Debug)]
+enum Content {
+    Data(Bytes),
+    Zero,
+    Skip,
+}
+
+#[derive(Clone, Debug)]
+struct Piece {
+    offset: u64,
+    len: u64,
+    content: Content,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Reading,
+    Held(Arc<Vec<Piece>>),
+    Stranded(Arc<Vec<Piece>>),
+}
+
+#[derive(Debug)]
+struct Task {
+    id: u64,
+    start: u64,
+    end: u64,
+    phase: Phase,
+    /// A guest write went on relying on the held data: it cannot be read again.
+    guest_passed: bool,
+}
+
+impl Task {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tasks: Vec<Task>,
+    next_id: u64,
+    /// A failure nobody waited for, until the job takes it.
+    error: Option<BlockError>,
+}
+
+/// A copy from one node to another; see the module docs.
+pub struct BlockCopy {
+    source: Arc<Child>,
+    target: Arc<Child>,
+    cluster: u64,
+    len: u64,
+    chunk: u64,
+    compress: bool,
+    write_through: bool,
+    bitmap: BitmapHandle,
+    state: Mutex<State>,
+    changed: Notify,
+    memory: Arc<Semaphore>,
+    progress: Mutex<Option<ProgressFn>>,
+    skip_unallocated: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for BlockCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockCopy")
+            .field("source", &self.source.node().name())
+            .field("target", &self.target.node().name())
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x - x % a
+}
+
+/// The node below `node`'s top layer (its backing file, looking through filters), for
+/// "allocated in the top layer".
+fn top_layer_base(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
+    let mut n = node.clone();
+    loop {
+        if let Some(b) = n.child(ChildRole::Backing) {
+            return Some(b.node());
+        }
+        n = n.child(ChildRole::Filtered)?.node();
+    }
+}
+
+impl BlockCopy {
+    /// A copy from `source` to `target` with a clean copy bitmap owned by `owner` (listed
+    /// there as an unnamed, disabled bitmap). Set what to copy with
+    /// [`with_bitmap`](Self::with_bitmap).
+    pub fn new(
+        source: Arc<Child>,
+        target: Arc<Child>,
+        owner: &Arc<BlockNode>,
+        opts: Options,
+    ) -> Result<Arc<BlockCopy>> {
+        let cluster = opts.cluster_size;
+        if cluster < 512 || !cluster.is_power_of_two() {
+            return Err(BlockError::invalid(format!(
+                "copy cluster size {cluster} is not a power of two of at least 512"
+            )));
+        }
+        let len = source.node().len();
+        let bitmap = owner
+            .add_internal_bitmap_with(cluster, false)
+            .map_err(|e| BlockError::invalid(e.to_string()))?;
+        let chunk = match opts.max_chunk {
+            0 => MAX_BUFFER,
+            n => n.min(MAX_BUFFER),
+        };
+        let chunk = if opts.compress {
+            cluster
+        } else {
+            align_down(chunk, cluster).max(cluster)
+        };
+        let units = usize::try_from(opts.memory.max(chunk).div_ceil(MEMORY_UNIT))
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        Ok(Arc::new(BlockCopy {
+            source,
+            target,
+            cluster,
+            len,
+            chunk,
+            compress: opts.compress,
+            write_through: opts.write_through,
+            bitmap,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            memory: Arc::new(Semaphore::new(units)),
+            progress: Mutex::new(None),
+            skip_unallocated: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    /// The copy granularity.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+
+    /// Bytes of the source.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty source.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The largest range one task copies.
+    pub fn chunk(&self) -> u64 {
+        self.chunk
+    }
+
+    /// The source edge.
+    pub fn source(&self) -> &Arc<Child> {
+        &self.source
+    }
+
+    /// The target edge.
+    pub fn target(&self) -> &Arc<Child> {
+        &self.target
+    }
+
+    /// Where progress goes from now on.
+    pub fn set_progress(&self, f: ProgressFn) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    fn report(&self, p: Progress) {
+        let f = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = f {
+            f(p);
+        }
+    }
+
+    /// Skips ranges the source's top layer does not allocate (sync=top).
+    pub fn set_skip_unallocated(&self, on: bool) {
+        self.skip_unallocated.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs `f` on the copy bitmap (dirty = still to copy). `None` once its owner is gone.
+    /// Ranges claimed by tasks are already clean in it.
+    pub fn with_bitmap<T>(&self, f: impl FnOnce(&mut DirtyBitmap) -> T) -> Option<T> {
+        let _st = lock(&self.state);
+        self.bitmap.with(f)
+    }
+
+    /// Bytes still to copy: dirty in the bitmap or claimed and not yet in the target.
+    pub fn remaining(&self) -> u64 {
+        let st = lock(&self.state);
+        let dirty = self.bitmap.with(|b| b.dirty_bytes()).unwrap_or(0);
+        dirty + st.tasks.iter().map(|t| t.end - t.start).sum::<u64>()
+    }
+
+    /// True when nothing is left to copy and no task is in flight or stranded.
+    pub fn is_done(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    /// Claims the dirty clusters of `[start, end)` (cluster-aligned) as new tasks.
+    fn claim(&self, st: &mut State, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let chunk = self.chunk;
+        let areas = self
+            .bitmap
+            .with(|b| {
+                let mut out = Vec::new();
+                let mut at = start;
+                while let Some((s, n)) = b.next_dirty_area(at, end, chunk) {
+                    b.reset_dirty(s, n);
+                    out.push((s, s + n));
+                    at = s + n;
+                }
+                out
+            })
+            .unwrap_or_default();
+        areas
+            .into_iter()
+            .map(|(s, e)| {
+                st.next_id += 1;
+                let id = st.next_id;
+                st.tasks.push(Task {
+                    id,
+                    start: s,
+                    end: e,
+                    phase: Phase::Reading,
+                    guest_passed: false,
+                });
+                (id, s, e)
+            })
+            .collect()
+    }
+
+    /// Whether a guest write may rely on `t` for the old data of its range.
+    fn usable(&self, t: &Task) -> bool {
+        match t.phase {
+            Phase::Reading => false,
+            Phase::Held(_) | Phase::Stranded(_) => !self.write_through,
+        }
+    }
+
+    /// The guest is about to change `[offset, offset+len)` of the source: returns once the
+    /// point-in-time content of every cluster it touches is safe (held in memory or in the
+    /// target), copying what nobody copies yet. An error means it could not be made safe;
+    /// the clusters stay to be copied.
+    pub async fn protect(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
+        let start = align_down(offset, self.cluster);
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(self.cluster)
+            .saturating_mul(self.cluster)
+            .min(self.len);
+        if start >= end {
+            return Ok(());
+        }
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let mine = {
+                let mut st = lock(&self.state);
+                let waiting = st
+                    .tasks
+                    .iter()
+                    .any(|t| t.overlaps(start, end) && !self.usable(t));
+                let mine = if waiting {
+                    Vec::new()
+                } else {
+                    self.claim(&mut st, start, end)
+                };
+                if !waiting && mine.is_empty() {
+                    for t in st.tasks.iter_mut().filter(|t| t.overlaps(start, end)) {
+                        t.guest_passed = true;
+                    }
+                    return Ok(());
+                }
+                mine
+            };
+            if mine.is_empty() {
+                changed.await;
+                continue;
+            }
+            let mut held = Vec::with_capacity(mine.len());
+            for (id, s, e) in mine {
+                let (tx, rx) = oneshot::channel();
+                drop(self.spawn(id, s, e, Some(tx)));
+                held.push(rx);
+            }
+            let mut first_err = None;
+            for rx in held {
+                let r = rx.await.unwrap_or_else(|_| {
+                    Err(BlockError::new(
+                        block::ErrorKind::Io,
+                        "copy-before-write: the copy task ended without an answer",
+                    ))
+                });
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Claims the next dirty area at or after `from` (at most one chunk) and copies it in a
+    /// task of its own. Returns the end of the area and the task, whose result says whether
+    /// the area reached the target; `None` when nothing is dirty from `from` on.
+    pub fn copy_next(self: &Arc<Self>, from: u64) -> Option<(u64, u64, JoinHandle<Result<u64>>)> {
+        let from = align_down(from, self.cluster);
+        let (id, s, e) = {
+            let mut st = lock(&self.state);
+            let chunk = self.chunk;
+            let area = self
+                .bitmap
+                .with(|b| b.next_dirty_area(from, self.len, chunk))??;
+            let (s, n) = area;
+            let mut claimed = self.claim(&mut st, s, s + n);
+            claimed.pop()?
+        };
+        Some((s, e, self.spawn(id, s, e, None)))
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        id: u64,
+        start: u64,
+        end: u64,
+        held: Option<oneshot::Sender<Result<()>>>,
+    ) -> JoinHandle<Result<u64>> {
+        let this = self.clone();
+        tokio::spawn(block::drain::carry(async move {
+            this.run_task(id, start, end, held).await
+        }))
+    }
+
+    async fn run_task(
+        self: Arc<Self>,
+        id: u64,
+        start: u64,
+        end: u64,
+        mut held: Option<oneshot::Sender<Result<()>>>,
+    ) -> Result<u64> {
+        let units = u32::try_from((end - start).div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
+        let permit = match self.memory.clone().acquire_many_owned(units).await {
+            Ok(p) => p,
+            Err(_) => {
+                let e = BlockError::new(block::ErrorKind::Io, "block copy closed");
+                self.unclaim(id, true);
+                if let Some(tx) = held.take() {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                return Err(e);
+            }
+        };
+        let pieces = match self.fetch(start, end).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                self.unclaim(id, true);
+                if let Some(tx) = held.take() {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                return Err(e);
+            }
+        };
+        // A guest write that claimed the range goes on as soon as it hears the data is held:
+        // from then on the data cannot be read again, whatever the target does.
+        let relied_on = held.is_some() && !self.write_through;
+        self.set_phase(id, Phase::Held(pieces.clone()), relied_on);
+        if relied_on {
+            if let Some(tx) = held.take() {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        match self.store(&pieces).await {
+            Ok(()) => {
+                self.unclaim(id, false);
+                drop(permit);
+                if let Some(tx) = held.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                Ok(end - start)
+            }
+            Err(e) => {
+                if let Some(permit) = self.strand_or_redirty(id, permit, &e) {
+                    let this = self.clone();
+                    tokio::spawn(block::drain::carry(async move {
+                        this.retry(id, pieces, permit).await;
+                    }));
+                }
+                if let Some(tx) = held.take() {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes stranded data until it lands or the copy is closed, backing off between tries.
+    async fn retry(&self, id: u64, pieces: Arc<Vec<Piece>>, permit: OwnedSemaphorePermit) {
+        let mut pause = std::time::Duration::from_millis(10);
+        while !self.closed.load(Ordering::Acquire) {
+            let closed = self.changed.notified();
+            let _ = tokio::time::timeout(pause, closed).await;
+            if self.closed.load(Ordering::Acquire) {
+                break;
+            }
+            match self.store(&pieces).await {
+                Ok(()) => {
+                    self.unclaim(id, false);
+                    break;
+                }
+                Err(e) => {
+                    self.record_error(e);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+        drop(permit);
+    }
+
+    fn record_error(&self, e: BlockError) {
+        lock(&self.state).error.get_or_insert(e);
+    }
+
+    /// The first failure of a copy nobody waited for (a held range's target write), since
+    /// the last call. The job reports it as a target error.
+    pub fn take_error(&self) -> Option<BlockError> {
+        lock(&self.state).error.take()
+    }
+
+    /// Stops: tasks waiting for memory fail, stranded data is no longer retried. The copy
+    /// cannot be used afterwards (the job using it ended).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.memory.close();
+        self.changed.notify_waiters();
+    }
+
+    fn set_phase(&self, id: u64, phase: Phase, guest_passed: bool) {
+        let mut st = lock(&self.state);
+        if let Some(t) = st.tasks.iter_mut().find(|t| t.id == id) {
+            t.phase = phase;
+            t.guest_passed |= guest_passed;
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Ends task `id`: its range is copied, or (`redirty`) still to copy.
+    fn unclaim(&self, id: u64, redirty: bool) {
+        let mut st = lock(&self.state);
+        if let Some(i) = st.tasks.iter().position(|t| t.id == id) {
+            let t = st.tasks.swap_remove(i);
+            if redirty {
+                self.bitmap.with(|b| b.set_dirty(t.start, t.end - t.start));
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// A target write failed: the range is read again later, unless a guest write relied on
+    /// the held data, which is then kept (stranded) and retried: its memory is handed back
+    /// for that.
+    fn strand_or_redirty(
+        &self,
+        id: u64,
+        permit: OwnedSemaphorePermit,
+        e: &BlockError,
+    ) -> Option<OwnedSemaphorePermit> {
+        let mut st = lock(&self.state);
+        let mut keep = None;
+        if let Some(i) = st.tasks.iter().position(|t| t.id == id) {
+            if st.tasks[i].guest_passed {
+                let t = &mut st.tasks[i];
+                if let Phase::Held(p) = &t.phase {
+                    t.phase = Phase::Stranded(p.clone());
+                }
+                st.error.get_or_insert_with(|| e.clone());
+                keep = Some(permit);
+            } else {
+                let t = st.tasks.swap_remove(i);
+                self.bitmap.with(|b| b.set_dirty(t.start, t.end - t.start));
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        keep
+    }
+
+    /// True when some held data could not be written yet (it is being retried).
+    pub fn has_stranded(&self) -> bool {
+        lock(&self.state)
+            .tasks
+            .iter()
+            .any(|t| matches!(t.phase, Phase::Stranded(_)))
+    }
+
+    /// Waits until no task is reading or writing (stranded ones may remain).
+    pub async fn settled(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let busy = lock(&self.state)
+                .tasks
+                .iter()
+                .any(|t| !matches!(t.phase, Phase::Stranded(_)));
+            if !busy {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Reads what `[start, end)` of the source holds now, as pieces.
+    async fn fetch(&self, start: u64, end: u64) -> Result<Vec<Piece>> {
+        let node = self.source.node();
+        let base = if self.skip_unallocated.load(Ordering::Relaxed) {
+            Some(top_layer_base(&node))
+        } else {
+            None
+        };
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let want = end - at;
+            let (content, n) = if let Some(base) = &base {
+                let (allocated, n) = map::allocated_above(&node, base.as_ref(), at, want).await?;
+                if allocated {
+                    self.classify(&node, at, want).await?
+                } else {
+                    (Content::Skip, self.whole_clusters(at, n, end))
+                }
+            } else {
+                self.classify(&node, at, want).await?
+            };
+            match (pieces.last_mut(), &content) {
+                (Some(last), Content::Data(_)) if matches!(last.content, Content::Data(_)) => {
+                    last.len += n;
+                }
+                (Some(last), Content::Zero) if matches!(last.content, Content::Zero) => {
+                    last.len += n;
+                }
+                (Some(last), Content::Skip) if matches!(last.content, Content::Skip) => {
+                    last.len += n;
+                }
+                _ => pieces.push(Piece {
+                    offset: at,
+                    len: n,
+                    content,
+                }),
+            }
+            at += n;
+        }
+        for p in pieces.iter_mut() {
+            if let Content::Data(_) = p.content {
+                let data = self.source.read(p.offset, p.len as usize).await?;
+                p.content = Content::Data(data);
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Zero or data for the range at `at`, and how many bytes: whole clusters, a cluster
+    /// that is only partly zero being data.
+    async fn classify(&self, node: &Arc<BlockNode>, at: u64, want: u64) -> Result<(Content, u64)> {
+        let e = map::extent_at(node, at, want).await?;
+        let end = at + want;
+        let whole = align_down(e.length, self.cluster);
+        if e.zero && (whole > 0 || at + e.length >= end) {
+            return Ok((Content::Zero, self.whole_clusters(at, e.length, end)));
+        }
+        let n = if e.zero {
+            self.cluster.min(want)
+        } else {
+            self.whole_clusters(at, e.length, end)
+        };
+        Ok((Content::Data(Bytes::new()), n))
+    }
+
+    /// `n` bytes from `at` rounded down to whole clusters (at least one), within `end`.
+    fn whole_clusters(&self, at: u64, n: u64, end: u64) -> u64 {
+        if at + n >= end {
+            return end - at;
+        }
+        align_down(n, self.cluster).max(self.cluster).min(end - at)
+    }
+
+    /// Writes pieces to the target.
+    async fn store(&self, pieces: &[Piece]) -> Result<()> {
+        for p in pieces {
+            match &p.content {
+                Content::Data(d) => {
+                    let flags = if self.compress {
+                        WriteFlags::compressed()
+                    } else {
+                        WriteFlags::default()
+                    };
+                    self.target
+                        .write(p.offset, IoVec::from(d.clone()), flags)
+                        .await?;
+                    self.report(Progress::Copied(p.len));
+                }
+                Content::Zero => {
+                    self.target
+                        .write_zeroes(p.offset, p.len, ZeroFlags::default())
+                        .await?;
+                    self.report(Progress::Copied(p.len));
+                }
+                Content::Skip => self.report(Progress::Skipped(p.len)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The point-in-time content of `[offset, offset+len)` that this copy holds in memory,
+    /// as `(offset, bytes)` parts (zero ranges as zeroes); what it does not hold is either
+    /// still in the source (dirty in the bitmap) or already in the target.
+    pub fn held(&self, offset: u64, len: u64) -> Vec<(u64, Bytes)> {
+        let end = offset.saturating_add(len);
+        let st = lock(&self.state);
+        let mut out = Vec::new();
+        for t in st.tasks.iter().filter(|t| t.overlaps(offset, end)) {
+            let pieces = match &t.phase {
+                Phase::Held(p) | Phase::Stranded(p) => p,
+                Phase::Reading => continue,
+            };
+            for p in pieces.iter() {
+                let (s, e) = (p.offset.max(offset), (p.offset + p.len).min(end));
+                if s >= e {
+                    continue;
+                }
+                let bytes = match &p.content {
+                    Content::Data(d) => d.slice((s - p.offset) as usize..(e - p.offset) as usize),
+                    Content::Zero => Bytes::from(vec![0u8; (e - s) as usize]),
+                    Content::Skip => continue,
+                };
+                out.push((s, bytes));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

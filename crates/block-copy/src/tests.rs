@@ -1,0 +1,387 @@
+use super::*;
+use async_trait::async_trait;
+use block::testing::MemDisk;
+use block::{BlockDriver, BlockStatus, ChildRole};
+use bytes::BytesMut;
+use proptest::prelude::*;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// A target that is slow, and fails some writes (every `fail_every`-th, 0 = never).
+#[derive(Debug)]
+struct Flaky {
+    inner: Arc<MemDisk>,
+    delay_us: u64,
+    fail_every: u64,
+    writes: AtomicU64,
+}
+
+#[async_trait]
+impl BlockDriver for Flaky {
+    fn driver_name(&self) -> &'static str {
+        "flaky"
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.delay_us > 0 {
+            tokio::time::sleep(Duration::from_micros(self.delay_us * (n % 7))).await;
+        }
+        if self.fail_every > 0 && n % self.fail_every == 0 {
+            return Err(BlockError::new(
+                block::ErrorKind::Io,
+                "injected write error",
+            ));
+        }
+        self.inner.write(offset, data, flags).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::data(len, None))
+    }
+}
+
+struct Setup {
+    source: Arc<BlockNode>,
+    target_disk: Arc<MemDisk>,
+    bcs: Arc<BlockCopy>,
+}
+
+fn setup(len: u64, opts: Options, delay_us: u64, fail_every: u64) -> Setup {
+    let source = BlockNode::new("src", MemDisk::new(len));
+    let target_disk = MemDisk::new(len);
+    let target = BlockNode::new(
+        "tgt",
+        Arc::new(Flaky {
+            inner: target_disk.clone(),
+            delay_us,
+            fail_every,
+            writes: AtomicU64::new(0),
+        }),
+    );
+    let bcs = BlockCopy::new(
+        Child::new(ChildRole::Filtered, source.clone()),
+        Child::new(ChildRole::Root, target),
+        &source,
+        opts,
+    )
+    .expect("block copy");
+    bcs.with_bitmap(|b| b.set_dirty(0, len));
+    Setup {
+        source,
+        target_disk,
+        bcs,
+    }
+}
+
+async fn read_all(d: &Arc<MemDisk>) -> Vec<u8> {
+    d.read(0, BytesMut::zeroed(d.len() as usize))
+        .await
+        .expect("read")
+        .to_vec()
+}
+
+/// The background copy as a job runs it: up to `workers` tasks, retrying what fails.
+async fn background(bcs: &Arc<BlockCopy>, workers: usize) {
+    let mut set = tokio::task::JoinSet::new();
+    let mut cursor = 0;
+    loop {
+        while set.len() < workers {
+            match bcs.copy_next(cursor) {
+                Some((_, end, task)) => {
+                    cursor = end;
+                    set.spawn(task);
+                }
+                None if cursor > 0 => cursor = 0,
+                None => break,
+            }
+        }
+        if set.join_next().await.is_none() {
+            bcs.settled().await;
+            let _ = bcs.take_error();
+            if bcs.is_done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn background_copy_copies_everything() {
+    let len = 1 << 20;
+    let s = setup(len, Options::new(65536), 0, 0);
+    let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    s.source
+        .write(0, IoVec::from(pattern.clone()), WriteFlags::default())
+        .await
+        .expect("w");
+    let copied = Arc::new(AtomicU64::new(0));
+    let c = copied.clone();
+    s.bcs.set_progress(Arc::new(move |p| {
+        if let Progress::Copied(n) = p {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }));
+    background(&s.bcs, 4).await;
+    assert_eq!(read_all(&s.target_disk).await, pattern);
+    assert_eq!(copied.load(Ordering::Relaxed), len, "each byte once");
+    assert!(s.bcs.is_done());
+}
+
+#[tokio::test]
+async fn copy_bitmap_is_an_unnamed_disabled_bitmap_of_its_owner() {
+    let s = setup(1 << 20, Options::new(65536), 0, 0);
+    let bitmaps = s.source.bitmaps();
+    assert_eq!(bitmaps.len(), 1);
+    assert!(bitmaps[0].name().is_none() && !bitmaps[0].recording());
+    assert_eq!(bitmaps[0].dirty_bytes(), 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_write_waits_for_the_read_only() {
+    // The target takes 50 ms per write; the guest's write must not wait for it.
+    let len = 1 << 20;
+    let s = setup(len, Options::new(65536), 0, 0);
+    let target_disk = MemDisk::new(len);
+    #[derive(Debug)]
+    struct Slow(Arc<MemDisk>);
+    #[async_trait]
+    impl BlockDriver for Slow {
+        fn driver_name(&self) -> &'static str {
+            "slow"
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        async fn read(&self, o: u64, b: BytesMut) -> Result<BytesMut> {
+            self.0.read(o, b).await
+        }
+        async fn write(&self, o: u64, d: IoVec, f: WriteFlags) -> Result<()> {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.write(o, d, f).await
+        }
+        async fn write_zeroes(&self, o: u64, l: u64, f: ZeroFlags) -> Result<()> {
+            self.0.write_zeroes(o, l, f).await
+        }
+        async fn discard(&self, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
+            Ok(BlockStatus::data(len, None))
+        }
+    }
+    let target = BlockNode::new("slow", Arc::new(Slow(target_disk.clone())));
+    let bcs = BlockCopy::new(
+        Child::new(ChildRole::Filtered, s.source.clone()),
+        Child::new(ChildRole::Root, target),
+        &s.source,
+        Options::new(65536),
+    )
+    .expect("bcs");
+    bcs.with_bitmap(|b| b.set_dirty(0, len));
+    s.source
+        .write(0, IoVec::from(vec![7u8; 65536]), WriteFlags::default())
+        .await
+        .expect("w");
+    let t = std::time::Instant::now();
+    bcs.protect(0, 4096).await.expect("protect");
+    assert!(
+        t.elapsed() < Duration::from_millis(40),
+        "waited {:?}",
+        t.elapsed()
+    );
+    s.source
+        .write(0, IoVec::from(vec![9u8; 4096]), WriteFlags::default())
+        .await
+        .expect("w");
+    // The held old data is what the point in time says, before and after it lands.
+    let held = bcs.held(0, 4096);
+    assert_eq!(held.len(), 1);
+    assert!(held[0].1.iter().all(|&b| b == 7));
+    bcs.settled().await;
+    assert!(read_all(&target_disk).await[..65536]
+        .iter()
+        .all(|&b| b == 7));
+}
+
+#[tokio::test]
+async fn write_through_waits_for_the_target() {
+    let len = 1 << 20;
+    let mut opts = Options::new(65536);
+    opts.write_through = true;
+    let s = setup(len, opts, 200, 0);
+    s.source
+        .write(0, IoVec::from(vec![3u8; 65536]), WriteFlags::default())
+        .await
+        .expect("w");
+    s.bcs.protect(100, 10).await.expect("protect");
+    assert!(s.bcs.held(0, 65536).is_empty(), "nothing held: written");
+    assert!(read_all(&s.target_disk).await[..65536]
+        .iter()
+        .all(|&b| b == 3));
+}
+
+#[tokio::test]
+async fn a_failed_target_write_after_a_guest_relied_on_it_is_kept_and_retried() {
+    let len = 256 << 10;
+    // Every write of the target fails.
+    let s2 = setup(len, Options::new(65536), 0, 1);
+    s2.source
+        .write(
+            0,
+            IoVec::from(vec![5u8; len as usize]),
+            WriteFlags::default(),
+        )
+        .await
+        .expect("w");
+    s2.bcs
+        .protect(0, 1)
+        .await
+        .expect("held before the target fails");
+    s2.source
+        .write(0, IoVec::from(vec![6u8; 65536]), WriteFlags::default())
+        .await
+        .expect("guest write");
+    s2.bcs.settled().await;
+    assert!(s2.bcs.has_stranded(), "old data kept");
+    assert_eq!(s2.bcs.held(0, 65536).len(), 1);
+    assert!(s2.bcs.take_error().is_some(), "reported to the job");
+    // fail_every = 1 fails everything: the retries fail too, and the data stays.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(s2.bcs.has_stranded());
+    assert!(s2.bcs.held(0, 65536)[0].1.iter().all(|&b| b == 5));
+    s2.bcs.close();
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    len_clusters: u64,
+    cluster_shift: u32,
+    chunk_clusters: u64,
+    memory_chunks: u64,
+    workers: usize,
+    write_through: bool,
+    delay_us: u64,
+    fail_every: u64,
+    writes: Vec<(u64, u64, u8, u64)>,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        4u64..48,
+        9u32..17,
+        1u64..5,
+        1u64..6,
+        1usize..8,
+        any::<bool>(),
+        0u64..200,
+        prop_oneof![Just(0u64), 3u64..9],
+        prop::collection::vec(
+            (0u64..1 << 20, 1u64..200_000, any::<u8>(), 0u64..400),
+            1..40,
+        ),
+    )
+        .prop_map(
+            |(
+                len_clusters,
+                cluster_shift,
+                chunk_clusters,
+                memory_chunks,
+                workers,
+                write_through,
+                delay_us,
+                fail_every,
+                writes,
+            )| Scenario {
+                len_clusters,
+                cluster_shift,
+                chunk_clusters,
+                memory_chunks,
+                workers,
+                write_through,
+                delay_us,
+                fail_every,
+                writes,
+            },
+        )
+}
+
+/// Guest writes race the background copy; the target ends equal to the source as it was when
+/// the copy began, whatever the chunk size, memory budget, worker count, target speed and
+/// target failures.
+async fn run_scenario(sc: Scenario) {
+    let cluster = 1u64 << sc.cluster_shift;
+    let len = sc.len_clusters * cluster;
+    let mut opts = Options::new(cluster);
+    opts.max_chunk = sc.chunk_clusters * cluster;
+    opts.memory = sc.memory_chunks * sc.chunk_clusters * cluster;
+    opts.write_through = sc.write_through;
+    let s = setup(len, opts, sc.delay_us, sc.fail_every);
+    let before: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+    s.source
+        .write(0, IoVec::from(before.clone()), WriteFlags::default())
+        .await
+        .expect("w");
+    let mut guests = tokio::task::JoinSet::new();
+    for (off, n, byte, delay) in sc.writes.clone() {
+        let off = off % len;
+        let n = n.min(len - off).max(1);
+        let bcs = s.bcs.clone();
+        let source = s.source.clone();
+        guests.spawn(async move {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+            // Under break-guest-write a failed copy fails the write: retry as a guest would.
+            while bcs.protect(off, n).await.is_err() {
+                tokio::task::yield_now().await;
+            }
+            source
+                .write(
+                    off,
+                    IoVec::from(vec![byte; n as usize]),
+                    WriteFlags::default(),
+                )
+                .await
+                .expect("guest write");
+        });
+    }
+    background(&s.bcs, sc.workers).await;
+    while guests.join_next().await.is_some() {}
+    background(&s.bcs, sc.workers).await;
+    let got = read_all(&s.target_disk).await;
+    assert!(got == before, "target differs from the point in time");
+}
+
+proptest! {
+    #[test]
+    fn target_equals_the_source_at_the_point_in_time(sc in scenario()) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(run_scenario(sc));
+    }
+}
