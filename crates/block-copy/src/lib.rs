@@ -93,6 +93,24 @@ impl Options {
     }
 }
 
+/// A failed copy task: which side failed, and how.
+#[derive(Clone, Debug)]
+pub struct CopyError {
+    /// Reading the source failed (else writing the target).
+    pub read: bool,
+    /// The failure.
+    pub error: BlockError,
+}
+
+impl fmt::Display for CopyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// A copy task running on its own: its result is the bytes it moved, or why it failed.
+pub type CopyTask = JoinHandle<std::result::Result<u64, CopyError>>;
+
 /// Progress reported by a copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
@@ -428,7 +446,10 @@ impl BlockCopy {
     /// Claims the next dirty area at or after `from` (at most one chunk) and copies it in a
     /// task of its own. Returns the end of the area and the task, whose result says whether
     /// the area reached the target; `None` when nothing is dirty from `from` on.
-    pub fn copy_next(self: &Arc<Self>, from: u64) -> Option<(u64, u64, JoinHandle<Result<u64>>)> {
+    pub fn copy_next(
+        self: &Arc<Self>,
+        from: u64,
+    ) -> Option<(u64, u64, CopyTask)> {
         let from = align_down(from, self.cluster);
         let (id, s, e) = {
             let mut st = lock(&self.state);
@@ -449,7 +470,7 @@ impl BlockCopy {
         start: u64,
         end: u64,
         held: Option<oneshot::Sender<Result<()>>>,
-    ) -> JoinHandle<Result<u64>> {
+    ) -> CopyTask {
         let this = self.clone();
         tokio::spawn(block::drain::carry(async move {
             this.run_task(id, start, end, held).await
@@ -462,7 +483,7 @@ impl BlockCopy {
         start: u64,
         end: u64,
         mut held: Option<oneshot::Sender<Result<()>>>,
-    ) -> Result<u64> {
+    ) -> std::result::Result<u64, CopyError> {
         let units = u32::try_from((end - start).div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
         let permit = match self.memory.clone().acquire_many_owned(units).await {
             Ok(p) => p,
@@ -472,7 +493,10 @@ impl BlockCopy {
                 if let Some(tx) = held.take() {
                     let _ = tx.send(Err(e.clone()));
                 }
-                return Err(e);
+                return Err(CopyError {
+                    read: true,
+                    error: e,
+                });
             }
         };
         let pieces = match self.fetch(start, end).await {
@@ -482,7 +506,10 @@ impl BlockCopy {
                 if let Some(tx) = held.take() {
                     let _ = tx.send(Err(e.clone()));
                 }
-                return Err(e);
+                return Err(CopyError {
+                    read: true,
+                    error: e,
+                });
             }
         };
         // A guest write that claimed the range goes on as soon as it hears the data is held:
@@ -513,7 +540,10 @@ impl BlockCopy {
                 if let Some(tx) = held.take() {
                     let _ = tx.send(Err(e.clone()));
                 }
-                Err(e)
+                Err(CopyError {
+                    read: false,
+                    error: e,
+                })
             }
         }
     }

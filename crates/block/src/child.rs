@@ -29,6 +29,9 @@ pub enum ChildRole {
     Filtered,
     /// A backend's edge to its root node (exports, jobs).
     Root,
+    /// Another child holding data, neither the filtered one nor a backing file
+    /// (copy-before-write's `target`).
+    Data,
 }
 
 impl ChildRole {
@@ -39,6 +42,7 @@ impl ChildRole {
             ChildRole::Backing => "backing",
             ChildRole::Filtered => "filtered",
             ChildRole::Root => "root",
+            ChildRole::Data => "data",
         }
     }
 
@@ -51,6 +55,7 @@ impl ChildRole {
             ChildRole::Backing => PermPolicy::Cow,
             ChildRole::Filtered => PermPolicy::Filtered,
             ChildRole::Root => PermPolicy::Fixed,
+            ChildRole::Data => PermPolicy::CopyTarget,
         }
     }
 }

@@ -168,6 +168,9 @@ pub enum PermPolicy {
     /// The target a node copies into (copy-before-write's `target`): written whatever the
     /// parent's own users do; everyone else may do anything but resize it.
     CopyTarget,
+    /// Needs nothing and shares everything, whatever the parent's users do
+    /// (snapshot-access reads its copy-before-write node through that node's own logic).
+    Free,
 }
 
 impl PermPolicy {
@@ -188,6 +191,7 @@ impl PermPolicy {
             ),
             PermPolicy::CopySource => of_parent,
             PermPolicy::CopyTarget => EdgePerm::new(Perm::WRITE, Perm::ALL & !Perm::RESIZE),
+            PermPolicy::Free => EdgePerm::FREE,
             PermPolicy::Fixed | PermPolicy::Filtered => of_parent,
             PermPolicy::Image => {
                 let mut perm = perm | Perm::CONSISTENT_READ;
@@ -221,9 +225,16 @@ impl PermPolicy {
 pub enum Parent {
     /// A node of the graph, by node-name.
     Node(String),
-    /// A user outside the graph, described as QEMU describes it (`an unnamed block device`,
-    /// `backup job 'j0'`).
+    /// A user outside the graph, described as QEMU describes it (`an unnamed block device`).
     User(String),
+    /// A block job: `kind` is its type (`backup`), `id` its id. The nodes it holds are busy
+    /// for other jobs and for deletion (QEMU's op blockers).
+    Job {
+        /// Job type.
+        kind: &'static str,
+        /// Job id.
+        id: String,
+    },
 }
 
 impl Parent {
@@ -239,6 +250,7 @@ impl fmt::Display for Parent {
         match self {
             Parent::Node(name) => write!(f, "node '{name}'"),
             Parent::User(desc) => f.write_str(desc),
+            Parent::Job { kind, id } => write!(f, "{kind} job '{id}'"),
         }
     }
 }

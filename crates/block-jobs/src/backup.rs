@@ -1,0 +1,542 @@
+//! The backup job (`blockdev-backup`, `drive-backup`).
+//!
+//! ```text
+//!   before:   export ──▶ source                after:  export ──▶ copy-before-write ──file──▶ source
+//!                                                                      │   ▲ job (root edge)
+//!                                                                      └──target──▶ target ◀── job
+//! ```
+//!
+//! **The point in time.** [`Backup::prepare`] inserts the copy-before-write filter above the
+//! source: every parent of the source (an NBD export, an overlay) is re-pointed at the filter
+//! in one drained section, and the filter's copy bitmap is complete before the section ends.
+//! No write can reach the source between the instant the section began and the filter's
+//! arrival (the section waits for writes in flight and holds new ones at the gate; a write
+//! let in after re-checks its edge and goes to the filter). Once the filter has a parent (the
+//! job), nothing else may write the source directly: its permissions unshare writing. So the
+//! point in time is the drained section of the command, or of the whole `transaction`.
+//!
+//! **The copy.** The job's `run` copies what the copy bitmap still holds, up to
+//! `max-workers` chunks at once, charging its speed limit; guest writes copy their clusters
+//! first through the filter (never rate-limited). sync=top first clears the clusters the
+//! source's top layer does not allocate; sync=none copies nothing itself and runs until
+//! cancelled; sync=bitmap (and incremental) starts from the user's bitmap.
+//!
+//! **The bitmap** (sync=bitmap or a bitmap with full/top) is frozen with a successor for the
+//! job's life; at the end it is abdicated (the successor's writes replace it) when the job
+//! succeeded or the mode is `always`, and reclaimed (merged back) otherwise; `never` always
+//! reclaims; a failed `always` job also keeps the clusters it did not copy.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use block::graph::{self, Inserted};
+use block::{BlockNode, Child, ChildRole, EdgePerm, EdgeSpec, Parent, PermPolicy};
+use block_copy::{BlockCopy, Progress};
+use filters::{CbwOptions, CopyBeforeWrite};
+use job::{ErrorAction, IoOperation, JobContext, JobDriver};
+
+/// QEMU's MirrorSyncMode, as backup uses it (`incremental` is `Bitmap` with on-success).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Everything.
+    Full,
+    /// What the top layer allocates.
+    Top,
+    /// Nothing by itself: only what guest writes copy (fleecing into an overlay).
+    None,
+    /// What the bitmap says.
+    Bitmap,
+}
+
+/// QEMU's BitmapSyncMode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// Cleared of what was copied when the job succeeds.
+    OnSuccess,
+    /// Left as it was.
+    Never,
+    /// Cleared of what was copied, whatever the outcome.
+    Always,
+}
+
+/// QEMU's BlockdevOnError.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    /// Fail the job.
+    #[default]
+    Report,
+    /// Report and retry.
+    Ignore,
+    /// Pause the job until resumed.
+    Stop,
+    /// Stop on ENOSPC, report otherwise.
+    Enospc,
+    /// The device's setting (report: qsd has no devices).
+    Auto,
+}
+
+impl OnError {
+    fn action(self, nospace: bool) -> ErrorAction {
+        match self {
+            OnError::Report | OnError::Auto => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc if nospace => ErrorAction::Stop,
+            OnError::Enospc => ErrorAction::Report,
+        }
+    }
+}
+
+/// A checked backup request.
+#[derive(Clone, Debug)]
+pub struct BackupSpec {
+    /// Job id (for the job's edges in messages).
+    pub job_id: String,
+    /// The node backed up.
+    pub source: Arc<BlockNode>,
+    /// Where the copy goes.
+    pub target: Arc<BlockNode>,
+    /// What is copied.
+    pub sync: SyncMode,
+    /// A bitmap of the source and what becomes of it.
+    pub bitmap: Option<(String, BitmapMode)>,
+    /// On a source read error.
+    pub on_source_error: OnError,
+    /// On a target write error.
+    pub on_target_error: OnError,
+    /// Name of the copy-before-write node.
+    pub filter_node_name: String,
+    /// Write the target compressed.
+    pub compress: bool,
+    /// Chunks copied at once by the background copy.
+    pub max_workers: usize,
+    /// Largest chunk (0 = default).
+    pub max_chunk: u64,
+    /// Smallest copy cluster (0 = none).
+    pub min_cluster_size: u64,
+}
+
+/// What the job holds in the graph until it is cleaned up; dropping it lets go of every
+/// edge (the filter's to the source and the target, the job's own).
+struct Parts {
+    cbw: Arc<CopyBeforeWrite>,
+    bcs: Arc<BlockCopy>,
+    inserted: Inserted,
+    edges: Vec<Arc<Child>>,
+}
+
+/// A backup job; see the module docs.
+pub struct Backup {
+    spec: BackupSpec,
+    parts: tokio::sync::Mutex<Option<Parts>>,
+    filter: Weak<BlockNode>,
+    on_clean: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Backup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backup")
+            .field("job", &self.spec.job_id)
+            .field("source", &self.spec.source.name())
+            .field("target", &self.spec.target.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// QEMU's text for a block error: strerror without Rust's "(os error N)".
+fn text(e: &block::BlockError) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// What a failed job reports: strerror of the errno, as QEMU's backup does.
+fn strerror(e: &block::BlockError) -> String {
+    let s = std::io::Error::from_raw_os_error(e.errno()).to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+impl Backup {
+    /// Freezes the bitmap, inserts the copy-before-write filter above the source and sets
+    /// what is to be copied: after this the point in time is fixed. Refused with QEMU's
+    /// messages, with nothing changed.
+    pub async fn prepare(spec: BackupSpec) -> Result<Arc<Backup>, String> {
+        let source = spec.source.clone();
+        if let Some((name, mode)) = &spec.bitmap {
+            if *mode != BitmapMode::Never {
+                let readonly = source.with_bitmap(name, |b| b.readonly()).unwrap_or(false);
+                if readonly {
+                    return Err(format!(
+                        "Bitmap '{name}' is readonly and cannot be modified"
+                    ));
+                }
+            }
+            source
+                .with_bitmap(name, |b| b.create_successor())
+                .unwrap_or(Err(bitmap::BitmapError::Busy))
+                .map_err(|_| {
+                    format!("Bitmap '{name}' is currently in use by another operation and cannot be used")
+                })?;
+        }
+        let undo_bitmap = |source: &BlockNode| {
+            if let Some((name, _)) = &spec.bitmap {
+                source.with_bitmap(name, |b| b.reclaim());
+            }
+        };
+        if source.len() != spec.target.len() {
+            undo_bitmap(&source);
+            return Err("Source and target image have different sizes".into());
+        }
+        if spec.min_cluster_size > i64::MAX as u64 {
+            undo_bitmap(&source);
+            return Err(format!(
+                "min-cluster-size too large: {} > {}",
+                spec.min_cluster_size,
+                i64::MAX
+            ));
+        }
+        let made = Self::insert(&spec).await;
+        let (inserted, cbw) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                undo_bitmap(&source);
+                return Err(e);
+            }
+        };
+        let Some(bcs) = cbw.block_copy() else {
+            undo_bitmap(&source);
+            return Err("Could not create node: copy-before-write is not open".into());
+        };
+        let fail = |e: String| async {
+            let _ = graph::remove_filter(&inserted).await;
+            cbw.close_copy();
+            undo_bitmap(&source);
+            e
+        };
+        if spec.max_chunk != 0 && spec.max_chunk < bcs.cluster_size() {
+            let e = format!(
+                "Required max-chunk ({}) is less than backup cluster size ({})",
+                spec.max_chunk,
+                bcs.cluster_size()
+            );
+            return Err(fail(e).await);
+        }
+        let user = Parent::Job {
+            kind: "backup",
+            id: spec.job_id.clone(),
+        };
+        let edge = |node: &Arc<BlockNode>, name: &'static str| {
+            Child::attach(
+                EdgeSpec::new(ChildRole::Root, user.clone()).named(name),
+                node.clone(),
+                EdgePerm::FREE,
+            )
+        };
+        let main = match edge(&inserted.filter, "main node") {
+            Ok(e) => e,
+            Err(e) => return Err(fail(text(&e)).await),
+        };
+        let target_edge = match edge(&spec.target, "target") {
+            Ok(e) => e,
+            Err(e) => return Err(fail(text(&e)).await),
+        };
+        if spec.sync == SyncMode::Bitmap {
+            if let Some((name, _)) = &spec.bitmap {
+                let bits = source.with_bitmap(name, |b| b.clone());
+                bcs.with_bitmap(|c| {
+                    c.clear();
+                    if let Some(b) = &bits {
+                        let _ = c.merge_from(b);
+                    }
+                });
+            }
+        }
+        Ok(Arc::new(Backup {
+            spec,
+            filter: Arc::downgrade(&inserted.filter),
+            parts: tokio::sync::Mutex::new(Some(Parts {
+                cbw,
+                bcs,
+                inserted,
+                edges: vec![main, target_edge],
+            })),
+            on_clean: Mutex::new(None),
+        }))
+    }
+
+    async fn insert(spec: &BackupSpec) -> Result<(Inserted, Arc<CopyBeforeWrite>), String> {
+        let filter = spec.filter_node_name.clone();
+        let file_spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(filter.clone()))
+            .named("file")
+            .policy(PermPolicy::CopySource);
+        let mut made: Option<Arc<CopyBeforeWrite>> = None;
+        let target = spec.target.clone();
+        let opts = CbwOptions {
+            min_cluster_size: spec.min_cluster_size,
+            compress: spec.compress,
+            max_chunk: spec.max_chunk,
+            ..CbwOptions::default()
+        };
+        let inserted = graph::insert_filter_with(&spec.source, Some(file_spec), |file| {
+            let target_spec = EdgeSpec::new(ChildRole::Data, Parent::Node(filter.clone()))
+                .named("target")
+                .policy(PermPolicy::CopyTarget);
+            let need = PermPolicy::CopyTarget.child_perm(true, false, EdgePerm::FREE);
+            let target = Child::attach(target_spec, target, need)
+                .map_err(|e| e.within("Could not create node"))?;
+            let (node, cbw) = CopyBeforeWrite::open(filter.clone(), file, target, opts)
+                .map_err(|e| e.within("Could not create node"))?;
+            made = Some(cbw);
+            Ok(node)
+        })
+        .await;
+        match (inserted, made) {
+            (Ok(i), Some(cbw)) => Ok((i, cbw)),
+            (Err(e), made) => {
+                if let Some(cbw) = made {
+                    cbw.close_copy();
+                }
+                let t = text(&e);
+                Err(if t.starts_with("Could not create node") {
+                    t
+                } else {
+                    format!("Could not replace node: {t}")
+                })
+            }
+            (Ok(i), None) => {
+                let _ = graph::remove_filter(&i).await;
+                Err("Could not create node".into())
+            }
+        }
+    }
+
+    /// The copy-before-write node, until the job is cleaned up.
+    pub fn filter(&self) -> Option<Arc<BlockNode>> {
+        self.filter.upgrade()
+    }
+
+    async fn bcs(&self) -> Result<Arc<BlockCopy>, String> {
+        self.parts
+            .lock()
+            .await
+            .as_ref()
+            .map(|p| p.bcs.clone())
+            .ok_or_else(|| "Operation canceled".to_owned())
+    }
+
+    /// Runs `f` once the job has removed its filter (the daemon drops the node's name).
+    pub fn on_clean(&self, f: impl FnOnce() + Send + 'static) {
+        *lock(&self.on_clean) = Some(Box::new(f));
+    }
+
+    fn watch_progress(bcs: &Arc<BlockCopy>, ctx: &JobContext) {
+        let ctx = ctx.clone();
+        let weak: Weak<BlockCopy> = Arc::downgrade(bcs);
+        bcs.set_progress(Arc::new(move |p| match p {
+            Progress::Copied(n) => ctx.progress_update(n),
+            Progress::Skipped(_) => {
+                if let Some(b) = weak.upgrade() {
+                    ctx.progress_set_remaining(b.remaining());
+                }
+            }
+        }));
+    }
+
+    /// A failed copy: the error action decides. `Err` fails the job.
+    async fn on_error(
+        &self,
+        ctx: &JobContext,
+        read: bool,
+        e: &block::BlockError,
+    ) -> Result<(), String> {
+        let nospace = e.kind() == block::ErrorKind::NoSpace;
+        let (policy, op) = if read {
+            (self.spec.on_source_error, IoOperation::Read)
+        } else {
+            (self.spec.on_target_error, IoOperation::Write)
+        };
+        let action = policy.action(nospace);
+        tracing::debug!(target: "job", "copy failed ({action:?}): {e}");
+        ctx.io_error(op, action, nospace).await;
+        match action {
+            ErrorAction::Report => Err(strerror(e)),
+            ErrorAction::Ignore | ErrorAction::Stop => Ok(()),
+        }
+    }
+
+    /// sync=top: clusters the top layer does not allocate are not copied.
+    async fn skip_unallocated(&self, bcs: &BlockCopy, ctx: &JobContext) -> Result<(), String> {
+        let source = self.spec.source.clone();
+        let base = source.child(ChildRole::Backing).map(|c| c.node());
+        let cluster = bcs.cluster_size();
+        let len = bcs.len();
+        bcs.set_skip_unallocated(true);
+        let mut at = 0;
+        while at < len {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            let (allocated, n) = block::map::allocated_above(&source, base.as_ref(), at, len - at)
+                .await
+                .map_err(|e| strerror(&e))?;
+            let end = if at + n >= len {
+                len
+            } else {
+                (at + n).div_ceil(cluster) * cluster
+            };
+            if !allocated {
+                // Whole clusters only: a partly allocated one is copied.
+                let s = at.div_ceil(cluster) * cluster;
+                let e = if end == len {
+                    len
+                } else {
+                    (at + n) / cluster * cluster
+                };
+                if s < e {
+                    bcs.with_bitmap(|b| b.reset_dirty(s, e - s));
+                }
+            }
+            at = end.max(at + 1);
+        }
+        ctx.progress_set_remaining(bcs.remaining());
+        Ok(())
+    }
+
+    async fn copy_all(&self, bcs: &Arc<BlockCopy>, ctx: &JobContext) -> Result<(), String> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut cursor = 0;
+        let workers = self.spec.max_workers.max(1);
+        loop {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            if let Some(e) = bcs.take_error() {
+                self.on_error(ctx, false, &e).await?;
+            }
+            while set.len() < workers {
+                ctx.rate_wait().await;
+                if ctx.is_cancelled() {
+                    return Ok(());
+                }
+                match bcs.copy_next(cursor) {
+                    Some((start, end, task)) => {
+                        ctx.rate_charge(end - start);
+                        cursor = end;
+                        set.spawn(task);
+                    }
+                    None if cursor > 0 => cursor = 0,
+                    None => break,
+                }
+            }
+            match set.join_next().await {
+                Some(Ok(Ok(Ok(_)))) => {}
+                Some(Ok(Ok(Err(e)))) => self.on_error(ctx, e.read, &e.error).await?,
+                Some(Ok(Err(_))) | Some(Err(_)) => {
+                    return Err("the copy failed unexpectedly (internal error)".into())
+                }
+                None => {
+                    bcs.settled().await;
+                    if let Some(e) = bcs.take_error() {
+                        self.on_error(ctx, false, &e).await?;
+                    }
+                    if bcs.is_done() {
+                        return Ok(());
+                    }
+                    // Stranded data is being retried, or a guest write claimed the rest.
+                    ctx.sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// The bitmap's outcome (QEMU's successor handling); `ok`: the job succeeded.
+    async fn sync_bitmap(&self, ok: bool) {
+        let Some((name, mode)) = &self.spec.bitmap else {
+            return;
+        };
+        let sync = (ok || *mode == BitmapMode::Always) && *mode != BitmapMode::Never;
+        let leftover = match (!ok && *mode == BitmapMode::Always, self.bcs().await) {
+            (true, Ok(bcs)) => bcs.with_bitmap(|b| b.clone()),
+            _ => None,
+        };
+        self.spec.source.with_bitmap(name, |b| {
+            let _ = if sync { b.abdicate() } else { b.reclaim() };
+            if let Some(l) = &leftover {
+                let _ = b.merge_from(l);
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl JobDriver for Backup {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+
+    async fn run(&self, ctx: JobContext) -> Result<(), String> {
+        let bcs = self.bcs().await?;
+        Self::watch_progress(&bcs, &ctx);
+        ctx.progress_set_remaining(bcs.remaining());
+        match self.spec.sync {
+            SyncMode::None => loop {
+                // Only guest writes copy; the job ends when cancelled.
+                ctx.sleep(Duration::from_millis(100)).await;
+                if ctx.is_cancelled() {
+                    return Ok(());
+                }
+                if let Some(e) = bcs.take_error() {
+                    self.on_error(&ctx, false, &e).await?;
+                }
+            },
+            SyncMode::Top => {
+                self.skip_unallocated(&bcs, &ctx).await?;
+                bcs.set_skip_unallocated(false);
+                self.copy_all(&bcs, &ctx).await
+            }
+            SyncMode::Full | SyncMode::Bitmap => self.copy_all(&bcs, &ctx).await,
+        }
+    }
+
+    async fn commit(&self) {
+        self.sync_bitmap(true).await;
+    }
+
+    async fn abort(&self) {
+        self.sync_bitmap(false).await;
+    }
+
+    async fn clean(&self) {
+        let Some(parts) = self.parts.lock().await.take() else {
+            return;
+        };
+        parts.cbw.close_copy();
+        // The job lets go of the filter first: without parents it no longer keeps others
+        // from writing the source, so the edges it took over can go back.
+        drop(parts.edges);
+        if let Err(e) = graph::remove_filter(&parts.inserted).await {
+            tracing::error!(target: "blockjobd", "backup '{}': removing the filter: {e}", self.spec.job_id);
+        }
+        drop(parts.bcs);
+        drop(parts.cbw);
+        drop(parts.inserted);
+        if let Some(f) = lock(&self.on_clean).take() {
+            f();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

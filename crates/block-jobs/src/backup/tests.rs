@@ -1,0 +1,148 @@
+use super::*;
+use block::testing::MemDisk;
+use block::{BlockBackend, BlockDriver, IoVec, Perm, WriteFlags};
+use job::{JobEvent, JobManager, JobOptions, JobStatus};
+use std::sync::Mutex as StdMutex;
+
+fn spec(source: &Arc<BlockNode>, target: &Arc<BlockNode>, sync: SyncMode) -> BackupSpec {
+    BackupSpec {
+        job_id: "j".into(),
+        source: source.clone(),
+        target: target.clone(),
+        sync,
+        bitmap: None,
+        on_source_error: OnError::Report,
+        on_target_error: OnError::Report,
+        filter_node_name: "cbw".into(),
+        compress: false,
+        max_workers: 4,
+        max_chunk: 0,
+        min_cluster_size: 0,
+    }
+}
+
+fn manager() -> (JobManager, Arc<StdMutex<Vec<JobEvent>>>) {
+    let events = Arc::new(StdMutex::new(Vec::new()));
+    let e = events.clone();
+    let mgr = JobManager::new(Arc::new(move |ev| e.lock().expect("events").push(ev)));
+    (mgr, events)
+}
+
+async fn wait_concluded(mgr: &JobManager, events: &StdMutex<Vec<JobEvent>>) {
+    for _ in 0..2000 {
+        let done = events.lock().expect("events").iter().any(|e| {
+            matches!(
+                e,
+                JobEvent::StatusChange {
+                    status: JobStatus::Null,
+                    ..
+                }
+            )
+        });
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("job did not end: {:?}", mgr.query().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_guest_writes_is_the_point_in_time_and_the_filter_goes_away() {
+    let len = 4 << 20;
+    let source = BlockNode::new("src", MemDisk::new(len));
+    let target_disk = MemDisk::new(len);
+    let target = BlockNode::new("tgt", target_disk.clone());
+    let guest = BlockBackend::attach(
+        source.clone(),
+        Parent::unnamed(),
+        EdgePerm::new(
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::ALL & !Perm::RESIZE,
+        ),
+    )
+    .expect("guest");
+    let before: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+    guest
+        .write(0, IoVec::from(before.clone()), WriteFlags::default())
+        .await
+        .expect("w");
+
+    let backup = Backup::prepare(spec(&source, &target, SyncMode::Full))
+        .await
+        .expect("prepare");
+    assert_eq!(
+        guest.node().name(),
+        "cbw",
+        "the guest's edge now goes through the filter"
+    );
+    // Nothing else may write the source beside the filter now.
+    let bypass = BlockBackend::attach(
+        source.clone(),
+        Parent::unnamed(),
+        EdgePerm::new(Perm::WRITE, Perm::ALL),
+    );
+    let err = bypass.expect_err("a writer beside the filter");
+    assert!(err.to_string().contains("unshared by node 'cbw'"), "{err}");
+
+    let (mgr, events) = manager();
+    mgr.create(
+        backup.clone(),
+        JobOptions {
+            speed: 1 << 20,
+            block: true,
+            ..JobOptions::new("j")
+        },
+    )
+    .await
+    .expect("create");
+    mgr.start("j").await.expect("start");
+    for i in 0..64u64 {
+        let off = (i * 65_536 * 7 + 1000) % (len - 8192);
+        guest
+            .write(off, IoVec::from(vec![0xee; 8192]), WriteFlags::default())
+            .await
+            .expect("guest write");
+    }
+    mgr.set_speed("j", 0).await.expect("speed");
+    wait_concluded(&mgr, &events).await;
+    let got = target_disk
+        .read(0, bytes::BytesMut::zeroed(len as usize))
+        .await
+        .expect("read");
+    assert!(
+        got[..] == before[..],
+        "target is the source at the point in time"
+    );
+    assert_eq!(guest.node().name(), "src", "the filter is gone");
+    assert_eq!(source.parents().len(), 1, "only the guest's edge is left");
+    assert!(target.parents().is_empty(), "nothing holds the target");
+    assert!(source.bitmaps().is_empty());
+}
+
+#[tokio::test]
+async fn refusals_change_nothing() {
+    let source = BlockNode::new("src", MemDisk::new(1 << 20));
+    let small = BlockNode::new("small", MemDisk::new(1 << 19));
+    let err = Backup::prepare(spec(&source, &small, SyncMode::Full))
+        .await
+        .expect_err("sizes");
+    assert_eq!(err, "Source and target image have different sizes");
+    let target = BlockNode::new("tgt", MemDisk::new(1 << 20));
+    let mut s = spec(&source, &target, SyncMode::Full);
+    s.max_chunk = 4096;
+    let err = Backup::prepare(s).await.expect_err("chunk");
+    assert_eq!(
+        err,
+        "Required max-chunk (4096) is less than backup cluster size (65536)"
+    );
+    let mut s = spec(&source, &target, SyncMode::Full);
+    s.min_cluster_size = 3 << 16;
+    let err = Backup::prepare(s).await.expect_err("min cluster");
+    assert_eq!(
+        err,
+        "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
+    );
+    assert!(source.parents().is_empty() && target.parents().is_empty());
+    assert!(source.bitmaps().is_empty());
+}

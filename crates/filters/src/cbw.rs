@@ -1,0 +1,449 @@
+//! `copy-before-write`: a filter whose writes first make the old data of their range safe in
+//! a target, so the target (with what the source still holds) is the source as it was when the
+//! filter went in.
+//!
+//! ```text
+//!   parents (guest export, job) ──▶ copy-before-write ──file──▶ source
+//!                                          │
+//!                                          └──target──▶ target (backup image, fleecing image)
+//! ```
+//!
+//! A write, write-zeroes or discard asks the node's [`BlockCopy`] to protect the clusters it
+//! touches, then goes to `file`. Reads, flushes and block status go to `file` unchanged. What
+//! the guest waits for is the read of the old data only (see `block_copy`): the write to the
+//! target happens behind it, unless the target's readers see the source (fleecing into an
+//! image backed by the source), where the guest waits for the target too, as in QEMU.
+//!
+//! When protecting fails (or takes longer than `cbw-timeout`): with `break-guest-write` the
+//! guest's write fails and the source is untouched; with `break-snapshot` the write goes on and
+//! the snapshot is broken for good: every later snapshot read fails with EACCES.
+//!
+//! The node carries QEMU's three unnamed, disabled bitmaps: the copy bitmap (what is left to
+//! copy), `done` (ranges protected for a guest write: their point-in-time data is no longer in
+//! the source) and `access` (ranges a snapshot reader may still read; a snapshot discard
+//! clears them).
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bitmap::DirtyBitmap;
+use block::{BitmapHandle, BlockDriver, BlockError, BlockNode, BlockStatus, Child, ChildRole};
+use block::{Facts, IoVec, Result, WriteFlags, ZeroFlags};
+use block_copy::{BlockCopy, Options as CopyOptions, DEFAULT_CLUSTER_SIZE};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+/// What a failed copy does (QEMU's `on-cbw-error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnCbwError {
+    /// The guest write fails; the snapshot stays whole.
+    #[default]
+    BreakGuestWrite,
+    /// The guest write goes on; the snapshot is broken (its reads fail from then on).
+    BreakSnapshot,
+}
+
+/// Options of a copy-before-write node.
+#[derive(Clone, Debug, Default)]
+pub struct CbwOptions {
+    /// What a failed or timed-out copy does.
+    pub on_cbw_error: OnCbwError,
+    /// How long a guest write may wait for its copy (`cbw-timeout`, seconds; 0 = no limit).
+    pub timeout: Option<Duration>,
+    /// Smallest copy cluster (`min-cluster-size`, 0 = none); a power of two.
+    pub min_cluster_size: u64,
+    /// Copy only what is dirty in this bitmap (read once, at open); `None`: everything.
+    pub bitmap: Option<DirtyBitmap>,
+    /// Write the target compressed (backup `compress`).
+    pub compress: bool,
+    /// Largest chunk a copy task moves (backup `x-perf.max-chunk`, 0 = default).
+    pub max_chunk: u64,
+}
+
+/// The copy cluster for `target`: at least 64 KiB and `min_cluster_size`, and at least the
+/// target's own cluster (a smaller copy would leave partial clusters of a COW target).
+pub fn cluster_size(target: &BlockNode, min_cluster_size: u64) -> Result<u64> {
+    if min_cluster_size > i64::MAX as u64 {
+        return Err(BlockError::invalid(format!(
+            "min-cluster-size too large: {min_cluster_size} > {}",
+            i64::MAX
+        )));
+    }
+    if min_cluster_size != 0 && !min_cluster_size.is_power_of_two() {
+        return Err(BlockError::invalid(
+            "min-cluster-size needs to be a power of 2",
+        ));
+    }
+    let min = min_cluster_size.max(DEFAULT_CLUSTER_SIZE);
+    Ok(target
+        .facts()
+        .cluster_size
+        .map_or(min, |c| min.max(u64::from(c))))
+}
+
+/// Whether `inner` is in `outer`'s backing chain (through filters), `outer` included.
+fn chain_contains(outer: &Arc<BlockNode>, inner: &Arc<BlockNode>) -> bool {
+    let mut n = outer.clone();
+    loop {
+        if Arc::ptr_eq(&n, inner) {
+            return true;
+        }
+        match n
+            .child(ChildRole::Backing)
+            .or_else(|| n.child(ChildRole::Filtered))
+        {
+            Some(c) => n = c.node(),
+            None => return false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attached {
+    bcs: Arc<BlockCopy>,
+    done: BitmapHandle,
+    access: BitmapHandle,
+}
+
+#[derive(Debug, Default)]
+struct SnapState {
+    /// The first failure under break-snapshot: the snapshot is broken.
+    error: Option<String>,
+    /// Snapshot reads from the source in flight: guest writes over them wait.
+    frozen: Vec<(u64, u64, u64)>,
+    next_id: u64,
+}
+
+/// The copy-before-write driver; see the module docs.
+#[derive(Debug)]
+pub struct CopyBeforeWrite {
+    file: Arc<Child>,
+    target: Arc<Child>,
+    on_error: OnCbwError,
+    timeout: Option<Duration>,
+    attached: OnceLock<Attached>,
+    snap: Mutex<SnapState>,
+    snap_changed: Notify,
+}
+
+fn eacces(what: &str) -> BlockError {
+    BlockError::io(
+        what.to_owned(),
+        std::io::Error::from_raw_os_error(libc::EACCES),
+    )
+}
+
+impl CopyBeforeWrite {
+    /// Opens a copy-before-write node named `name` over `file` (the source) copying into
+    /// `target`. The edges are attached already (their policies: copy source, copy target).
+    pub fn open(
+        name: impl Into<String>,
+        file: Arc<Child>,
+        target: Arc<Child>,
+        opts: CbwOptions,
+    ) -> Result<(Arc<BlockNode>, Arc<CopyBeforeWrite>)> {
+        let cluster = cluster_size(&target.node(), opts.min_cluster_size)
+            .map_err(|e| e.within("Cannot create block-copy-state"))?;
+        let write_through = chain_contains(&target.node(), &file.node());
+        let driver = Arc::new(CopyBeforeWrite {
+            file: file.clone(),
+            target: target.clone(),
+            on_error: opts.on_cbw_error,
+            timeout: opts.timeout,
+            attached: OnceLock::new(),
+            snap: Mutex::new(SnapState::default()),
+            snap_changed: Notify::new(),
+        });
+        let node = BlockNode::new(name, driver.clone());
+        let mut copy = CopyOptions::new(cluster);
+        copy.write_through = write_through;
+        copy.compress = opts.compress;
+        copy.max_chunk = opts.max_chunk;
+        let bcs = BlockCopy::new(file, target, &node, copy)?;
+        let len = bcs.len();
+        bcs.with_bitmap(|b| match &opts.bitmap {
+            Some(user) => {
+                let _ = b.merge_from(user);
+            }
+            None => b.set_dirty(0, len),
+        });
+        let internal = |node: &Arc<BlockNode>| {
+            node.add_internal_bitmap_with(cluster, false)
+                .map_err(|e| BlockError::invalid(e.to_string()))
+        };
+        let done = internal(&node)?;
+        let access = internal(&node)?;
+        let copy_set = bcs.with_bitmap(|b| b.clone());
+        access.with(|a| {
+            if let Some(c) = &copy_set {
+                let _ = a.merge_from(c);
+            }
+        });
+        let _ = driver.attached.set(Attached { bcs, done, access });
+        Ok((node, driver))
+    }
+
+    fn attached(&self) -> Result<&Attached> {
+        self.attached
+            .get()
+            .ok_or_else(|| BlockError::invalid("copy-before-write node is not open"))
+    }
+
+    /// The node's copy engine.
+    pub fn block_copy(&self) -> Option<Arc<BlockCopy>> {
+        self.attached.get().map(|a| a.bcs.clone())
+    }
+
+    /// The source edge (`file`).
+    pub fn file(&self) -> &Arc<Child> {
+        &self.file
+    }
+
+    /// The target edge.
+    pub fn target(&self) -> &Arc<Child> {
+        &self.target
+    }
+
+    fn snap(&self) -> MutexGuard<'_, SnapState> {
+        self.snap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the snapshot is broken (break-snapshot after a failed copy).
+    pub fn snapshot_broken(&self) -> bool {
+        self.snap().error.is_some()
+    }
+
+    /// Makes the old data of `[offset, offset+len)` safe before the write goes on.
+    async fn before_write(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 || self.snapshot_broken() {
+            return Ok(());
+        }
+        let a = self.attached()?;
+        let protected = match self.timeout {
+            Some(t) => match tokio::time::timeout(t, a.bcs.protect(offset, len)).await {
+                Ok(r) => r,
+                Err(_) => Err(BlockError::io(
+                    "copy-before-write timed out",
+                    std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                )),
+            },
+            None => a.bcs.protect(offset, len).await,
+        };
+        let cluster = a.bcs.cluster_size();
+        let start = offset - offset % cluster;
+        let end = (offset + len).div_ceil(cluster) * cluster;
+        {
+            let mut snap = self.snap();
+            match protected {
+                Err(e) if self.on_error == OnCbwError::BreakGuestWrite => return Err(e),
+                Err(e) => {
+                    tracing::warn!(target: "blockjobd", "copy-before-write failed, the snapshot is broken: {e}");
+                    snap.error.get_or_insert_with(|| e.to_string());
+                }
+                Ok(()) => {
+                    a.done.with(|d| d.set_dirty(start, end - start));
+                }
+            }
+        }
+        // Snapshot reads of the old data still in the source finish before it changes.
+        loop {
+            let changed = self.snap_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let busy = self
+                .snap()
+                .frozen
+                .iter()
+                .any(|&(_, s, e)| s < end && start < e);
+            if !busy {
+                return Ok(());
+            }
+            changed.await;
+        }
+    }
+
+    /// Reads `[offset, offset+len)` as it was when the filter went in (snapshot-access).
+    /// Fails with EACCES once the snapshot is broken or the range was discarded.
+    pub async fn snapshot_read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let a = self.attached()?;
+        let end = offset + len;
+        let (runs, frozen) = {
+            let mut snap = self.snap();
+            if snap.error.is_some() {
+                return Err(eacces("the snapshot is broken"));
+            }
+            let accessible = a
+                .access
+                .with(|b| b.next_clean(offset, end).is_none())
+                .unwrap_or(false);
+            if !accessible {
+                return Err(eacces("the range was discarded from the snapshot"));
+            }
+            let runs = a
+                .done
+                .with(|d| done_runs(d, offset, end))
+                .unwrap_or_else(|| vec![(offset, end, false)]);
+            snap.next_id += 1;
+            let id = snap.next_id;
+            snap.frozen.push((id, offset, end));
+            (runs, id)
+        };
+        let result = async {
+            let mut out = BytesMut::with_capacity(len as usize);
+            for (s, e, done) in runs {
+                let mut part = if done {
+                    BytesMut::from(&self.target.read(s, (e - s) as usize).await?[..])
+                } else {
+                    BytesMut::from(&self.file.read(s, (e - s) as usize).await?[..])
+                };
+                if done {
+                    // Held for a target write that has not landed yet: the old data is here.
+                    for (at, bytes) in a.bcs.held(s, e - s) {
+                        let i = (at - s) as usize;
+                        part[i..i + bytes.len()].copy_from_slice(&bytes);
+                    }
+                }
+                out.extend_from_slice(&part);
+            }
+            Ok(out.freeze())
+        }
+        .await;
+        self.snap().frozen.retain(|f| f.0 != frozen);
+        self.snap_changed.notify_waiters();
+        result
+    }
+
+    /// Block status of the point-in-time view.
+    pub async fn snapshot_block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let a = self.attached()?;
+        if self.snapshot_broken() {
+            return Err(eacces("the snapshot is broken"));
+        }
+        let end = offset + len;
+        let accessible = a
+            .access
+            .with(|b| b.next_clean(offset, end).is_none())
+            .unwrap_or(false);
+        if !accessible {
+            return Err(eacces("the range was discarded from the snapshot"));
+        }
+        let runs = a
+            .done
+            .with(|d| done_runs(d, offset, end))
+            .unwrap_or_else(|| vec![(offset, end, false)]);
+        let (s, e, done) = runs[0];
+        if done {
+            return Ok(BlockStatus::data(e - s, None));
+        }
+        let mut st = self.file.block_status(s, e - s).await?;
+        st.host_offset = None;
+        Ok(st)
+    }
+
+    /// The snapshot reader is done with `[offset, offset+len)` (whole clusters inside it):
+    /// it is no longer kept, and reads of it fail from now on.
+    pub async fn snapshot_discard(&self, offset: u64, len: u64) -> Result<()> {
+        let a = self.attached()?;
+        let cluster = a.bcs.cluster_size();
+        let start = offset.div_ceil(cluster) * cluster;
+        let end = (offset + len) / cluster * cluster;
+        if start >= end {
+            return Ok(());
+        }
+        {
+            let _snap = self.snap();
+            a.access.with(|b| b.reset_dirty(start, end - start));
+        }
+        a.bcs.with_bitmap(|b| b.reset_dirty(start, end - start));
+        self.target.discard(start, end - start).await
+    }
+
+    /// Stops the copy engine (the job using the node ended, or the node closes).
+    pub fn close_copy(&self) {
+        if let Some(a) = self.attached.get() {
+            a.bcs.close();
+        }
+    }
+}
+
+/// `[offset, end)` split into runs of equal "done" state.
+fn done_runs(done: &DirtyBitmap, offset: u64, end: u64) -> Vec<(u64, u64, bool)> {
+    let mut runs = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let is_done = done.is_dirty(at);
+        let next = if is_done {
+            done.next_clean(at, end).unwrap_or(end)
+        } else {
+            done.next_dirty_area(at, end, u64::MAX)
+                .map_or(end, |(s, _)| s)
+        };
+        let next = next.max(at + 1).min(end);
+        runs.push((at, next, is_done));
+        at = next;
+    }
+    runs
+}
+
+#[async_trait]
+impl BlockDriver for CopyBeforeWrite {
+    fn driver_name(&self) -> &'static str {
+        "copy-before-write"
+    }
+
+    fn len(&self) -> u64 {
+        self.file.node().len()
+    }
+
+    fn facts(&self) -> Facts {
+        Facts::default()
+    }
+
+    fn children(&self) -> Vec<Arc<Child>> {
+        vec![self.file.clone(), self.target.clone()]
+    }
+
+    fn writable(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.file.read_into(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        self.before_write(offset, data.len() as u64).await?;
+        self.file.write(offset, data, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.before_write(offset, len).await?;
+        self.file.write_zeroes(offset, len, flags).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.before_write(offset, len).await?;
+        self.file.discard(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.file.block_status(offset, len).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.close_copy();
+        Ok(())
+    }
+
+    fn image_info(&self) -> block::ImageInfo {
+        block::ImageInfo {
+            format: "copy-before-write",
+            ..block::ImageInfo::default()
+        }
+    }
+}
