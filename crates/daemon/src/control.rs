@@ -55,6 +55,7 @@ impl Control {
         command: &str,
         arguments: Map<String, Value>,
     ) -> QmpResult<Value> {
+        self.nodes.prune();
         commands::execute(self, command, arguments).await
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
 use block::{Parent, PermPolicy};
 use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
+use filters::{CbwOptions, CopyBeforeWrite, OnCbwError, SnapshotAccess};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
@@ -54,6 +55,8 @@ pub struct NodeEntry {
     pub host_file: Option<PathBuf>,
     /// Creation order.
     pub seq: u64,
+    /// The copy-before-write driver of a copy-before-write node.
+    pub cbw: Option<Arc<CopyBeforeWrite>>,
 }
 
 /// All named nodes.
@@ -64,6 +67,9 @@ pub struct Nodes {
     entries: BTreeMap<String, NodeEntry>,
     seq: u64,
     auto_names: u64,
+    /// Names of nodes a job created and has let go of (its filter, once removed); they leave
+    /// the registry before the next command runs.
+    released: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Options children inherit from their parent unless they set them.
@@ -130,6 +136,51 @@ impl Nodes {
         let mut v: Vec<_> = self.entries.iter().collect();
         v.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
         v
+    }
+
+    /// Registers a node a job created (a backup's filter), shown like an implicit node until
+    /// the job calls the returned function as it lets go of it.
+    pub fn add_job_node(
+        &mut self,
+        node: Arc<BlockNode>,
+        filename: String,
+    ) -> impl FnOnce() + Send + 'static {
+        let name = node.name().to_owned();
+        self.seq += 1;
+        self.entries.insert(
+            name.clone(),
+            NodeEntry {
+                node,
+                monitor_owned: false,
+                read_only: false,
+                cache: CacheMode::default(),
+                filename,
+                host_file: None,
+                seq: self.seq,
+                cbw: None,
+            },
+        );
+        let released = self.released.clone();
+        move || {
+            released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(name)
+        }
+    }
+
+    /// Drops the nodes jobs have let go of.
+    pub fn prune(&mut self) {
+        let names: Vec<String> =
+            std::mem::take(&mut *self.released.lock().unwrap_or_else(|p| p.into_inner()));
+        for name in names {
+            self.entries.remove(&name);
+        }
+    }
+
+    /// A fresh `#blockNNN` name for a node a command creates.
+    pub fn new_auto_name(&mut self) -> String {
+        self.auto_name()
     }
 
     /// The entry of the node named `name`.
@@ -208,6 +259,11 @@ impl Nodes {
                 "raw" => self.open_raw(opts, own, parent, opening).await?,
                 "qcow2" => self.open_qcow2(opts, own, parent, opening).await?,
                 "blkdebug" => self.open_blkdebug(opts, own, parent, opening).await?,
+                "copy-before-write" => self.open_cbw(opts, own, parent, opening).await?,
+                "snapshot-access" => {
+                    self.open_snapshot_access(opts, own, parent, opening)
+                        .await?
+                }
                 "nbd" => open_nbd(opts, own).await?,
                 other => {
                     return Err(QmpError::generic(format!(
@@ -215,7 +271,10 @@ impl Nodes {
                     )))
                 }
             };
-            let node = BlockNode::new(name.clone(), opened.driver);
+            let node = match opened.node {
+                Some(node) => node,
+                None => BlockNode::new(name.clone(), opened.driver),
+            };
             node.set_discard_ignored(!own.discard_unmap);
             if let Err(e) = node.load_persistent_bitmaps().await {
                 let _ = node.close().await;
@@ -235,6 +294,7 @@ impl Nodes {
                     filename: opened.filename,
                     host_file: opened.host_file,
                     seq: self.seq,
+                    cbw: opened.cbw,
                 },
             );
             opening.created.push(name);
@@ -276,6 +336,8 @@ impl Nodes {
             read_only,
             filename: filename.to_owned(),
             host_file: Some(PathBuf::from(filename)),
+            node: None,
+            cbw: None,
         })
     }
 
@@ -363,6 +425,8 @@ impl Nodes {
             read_only: own.read_only,
             filename,
             host_file,
+            node: None,
+            cbw: None,
         })
     }
 
@@ -428,6 +492,8 @@ impl Nodes {
             read_only: own.read_only,
             filename,
             host_file,
+            node: None,
+            cbw: None,
         })
     }
 
@@ -499,6 +565,103 @@ impl Nodes {
             read_only: own.read_only,
             filename: format!("blkdebug::{filename}"),
             host_file,
+            node: None,
+            cbw: None,
+        })
+    }
+
+    /// `copy-before-write`: `file` (the source), `target`, `bitmap`, `on-cbw-error`,
+    /// `cbw-timeout`, `min-cluster-size`.
+    async fn open_cbw(
+        &mut self,
+        opts: &Map<String, Value>,
+        own: Inherited,
+        parent: &str,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()))
+            .policy(PermPolicy::CopySource);
+        let (file, filename, host_file) =
+            self.format_child(opts, "file", spec, own, opening).await?;
+        let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()));
+        let (target, _, _) = self
+            .format_child(opts, "target", spec, own, opening)
+            .await?;
+        let bitmap = match opts.get("bitmap").and_then(Value::as_object) {
+            Some(b) => {
+                let node = get_str(b, "node").unwrap_or_default();
+                let name = get_str(b, "name").unwrap_or_default();
+                let entry = self.entries.get(node).ok_or_else(|| {
+                    QmpError::generic(format!("Node '{node}' not found"))
+                })?;
+                let bitmap = entry
+                    .node
+                    .with_bitmap(name, |b| b.clone())
+                    .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))?;
+                if bitmap.busy() {
+                    return Err(QmpError::generic(format!(
+                        "Cannot create block-copy-state: Failed to merge bitmap '{name}' to internal copy-bitmap: Bitmap '{name}' is currently in use by another operation and cannot be used"
+                    )));
+                }
+                if bitmap.disk_size() != file.node().len() {
+                    return Err(QmpError::generic(format!(
+                        "Cannot create block-copy-state: Failed to merge bitmap '{name}' to internal copy-bitmap: Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                        file.node().len(),
+                        bitmap.disk_size()
+                    )));
+                }
+                Some(bitmap)
+            }
+            None => None,
+        };
+        let cbw_opts = CbwOptions {
+            on_cbw_error: match get_str(opts, "on-cbw-error") {
+                Some("break-snapshot") => OnCbwError::BreakSnapshot,
+                _ => OnCbwError::BreakGuestWrite,
+            },
+            timeout: get_u64(opts, "cbw-timeout")
+                .filter(|&t| t > 0)
+                .map(Duration::from_secs),
+            min_cluster_size: get_u64(opts, "min-cluster-size").unwrap_or(0),
+            bitmap,
+            ..CbwOptions::default()
+        };
+        let (node, cbw) = CopyBeforeWrite::open(parent.to_owned(), file, target, cbw_opts)
+            .map_err(generic)?;
+        Ok(Opened {
+            driver: cbw.clone(),
+            read_only: false,
+            filename,
+            host_file,
+            node: Some(node),
+            cbw: Some(cbw),
+        })
+    }
+
+    /// `snapshot-access` over a copy-before-write node (`file`).
+    async fn open_snapshot_access(
+        &mut self,
+        opts: &Map<String, Value>,
+        own: Inherited,
+        parent: &str,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()))
+            .named("file")
+            .policy(PermPolicy::Free);
+        let (file, filename, host_file) =
+            self.format_child(opts, "file", spec, own, opening).await?;
+        let cbw = self
+            .entries
+            .get(file.node().name())
+            .and_then(|e| e.cbw.clone());
+        Ok(Opened {
+            driver: SnapshotAccess::new(file, cbw),
+            read_only: false,
+            filename,
+            host_file,
+            node: None,
+            cbw: None,
         })
     }
 
@@ -599,6 +762,10 @@ struct Opened {
     read_only: bool,
     filename: String,
     host_file: Option<PathBuf>,
+    /// The node, when the driver had to make it itself (copy-before-write owns bitmaps).
+    node: Option<Arc<BlockNode>>,
+    /// The copy-before-write driver, for a snapshot-access node opened on it later.
+    cbw: Option<Arc<CopyBeforeWrite>>,
 }
 
 /// The `nbd` driver: `server` (unix path or inet host/port), `export`, `reconnect-delay`.
@@ -637,6 +804,8 @@ async fn open_nbd(opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened
         read_only,
         filename,
         host_file: None,
+        node: None,
+        cbw: None,
     })
 }
 
@@ -647,6 +816,8 @@ fn open_null(opts: &Map<String, Value>, own: Inherited) -> Opened {
         read_only: own.read_only,
         filename: "null-co://".into(),
         host_file: None,
+        node: None,
+        cbw: None,
     }
 }
 

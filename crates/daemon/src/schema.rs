@@ -8,7 +8,16 @@
 use qmp::Schema;
 
 /// The drivers `blockdev-add` accepts.
-pub const DRIVERS: &[&str] = &["blkdebug", "file", "nbd", "null-co", "qcow2", "raw"];
+pub const DRIVERS: &[&str] = &[
+    "blkdebug",
+    "copy-before-write",
+    "file",
+    "nbd",
+    "null-co",
+    "qcow2",
+    "raw",
+    "snapshot-access",
+];
 
 fn introspection_types(s: &mut Schema) {
     s.enumeration(
@@ -96,6 +105,8 @@ fn blockdev_types(s: &mut Schema) {
             "driver",
             &[
                 ("blkdebug", "BlockdevOptionsBlkdebug"),
+                ("copy-before-write", "BlockdevOptionsCbw"),
+                ("snapshot-access", "BlockdevOptionsGenericFormat"),
                 ("file", "BlockdevOptionsFile"),
                 ("nbd", "BlockdevOptionsNbd"),
                 ("null-co", "BlockdevOptionsNull"),
@@ -146,6 +157,20 @@ fn blockdev_types(s: &mut Schema) {
                 "*inject-error:[BlkdebugInjectErrorOptions]",
             ],
         )
+        .enumeration("OnCbwError", &["break-guest-write", "break-snapshot"])
+        .object("BlockDirtyBitmapRef", &["node:str", "name:str"])
+        .object(
+            "BlockdevOptionsCbw",
+            &[
+                "file:BlockdevRef",
+                "target:BlockdevRef",
+                "*bitmap:BlockDirtyBitmapRef",
+                "*on-cbw-error:OnCbwError",
+                "*cbw-timeout:int",
+                "*min-cluster-size:size",
+            ],
+        )
+        .object("BlockdevOptionsGenericFormat", &["file:BlockdevRef"])
         .alternate("BlockdevRef", &["BlockdevOptions", "str"])
         .alternate("BlockdevRefOrNull", &["BlockdevOptions", "str", "null"])
         .object("BlockdevDelArgs", &["node-name:str"]);
@@ -252,6 +277,44 @@ fn job_types(s: &mut Schema) {
             ],
         )
         .object("JobIdArgs", &["id:str"])
+        .enumeration(
+            "MirrorSyncMode",
+            &["top", "full", "none", "incremental", "bitmap"],
+        )
+        .enumeration("BitmapSyncMode", &["on-success", "never", "always"])
+        .enumeration(
+            "BlockdevOnError",
+            &["report", "ignore", "enospc", "stop", "auto"],
+        )
+        .object(
+            "BackupPerf",
+            &[
+                "*use-copy-range:bool",
+                "*max-workers:int",
+                "*max-chunk:int",
+                "*min-cluster-size:size",
+            ],
+        )
+        .object(
+            "BlockdevBackup",
+            &[
+                "*job-id:str",
+                "device:str",
+                "target:str",
+                "sync:MirrorSyncMode",
+                "*speed:int",
+                "*bitmap:str",
+                "*bitmap-mode:BitmapSyncMode",
+                "*compress:bool",
+                "*on-source-error:BlockdevOnError",
+                "*on-target-error:BlockdevOnError",
+                "*auto-finalize:bool",
+                "*auto-dismiss:bool",
+                "*filter-node-name:str",
+                "*discard-source:bool",
+                "*x-perf:BackupPerf",
+            ],
+        )
         .object("BlockJobDeviceArgs", &["device:str"])
         .object("BlockJobSetSpeedArgs", &["device:str", "speed:int"])
         .object("BlockJobCancelArgs", &["device:str", "*force:bool"])
@@ -389,6 +452,7 @@ fn bitmap_types(s: &mut Schema) {
         "TransactionActionKind",
         &[
             "abort",
+            "blockdev-backup",
             "block-dirty-bitmap-add",
             "block-dirty-bitmap-remove",
             "block-dirty-bitmap-clear",
@@ -399,6 +463,7 @@ fn bitmap_types(s: &mut Schema) {
     )
     .object("Abort", &[])
     .object("AbortWrapper", &["data:Abort"])
+    .object("BlockdevBackupWrapper", &["data:BlockdevBackup"])
     .object("BlockDirtyBitmapAddWrapper", &["data:BlockDirtyBitmapAdd"])
     .object("BlockDirtyBitmapWrapper", &["data:BlockDirtyBitmap"])
     .object(
@@ -411,6 +476,7 @@ fn bitmap_types(s: &mut Schema) {
         "type",
         &[
             ("abort", "AbortWrapper"),
+            ("blockdev-backup", "BlockdevBackupWrapper"),
             ("block-dirty-bitmap-add", "BlockDirtyBitmapAddWrapper"),
             ("block-dirty-bitmap-remove", "BlockDirtyBitmapWrapper"),
             ("block-dirty-bitmap-clear", "BlockDirtyBitmapWrapper"),
@@ -633,6 +699,7 @@ pub fn schema() -> Schema {
         .command("block-job-change", Some("BlockJobChangeOptions"), None, &[])
         .command("query-block-jobs", None, Some("[BlockJobInfo]"), &[])
         .command("blockdev-create", Some("BlockdevCreateArgs"), None, &[])
+        .command("blockdev-backup", Some("BlockdevBackup"), None, &[])
         .event("JOB_STATUS_CHANGE", Some("JobStatusChangeData"))
         .event("BLOCK_JOB_COMPLETED", Some("BlockJobCompletedData"))
         .event("BLOCK_JOB_CANCELLED", Some("BlockJobProgressData"))

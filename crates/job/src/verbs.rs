@@ -210,6 +210,18 @@ impl JobManager {
         Ok(())
     }
 
+    /// Drops a job that was created but could not be set up (a refused speed): `null`, and
+    /// nothing of its driver runs (the caller undoes what it prepared), as QEMU's early fail.
+    pub async fn early_fail(&self, id: &str) -> Result<(), JobError> {
+        let mut st = self.lock().await;
+        let i = st.idx(id)?;
+        if st.jobs[i].started {
+            return Err(refused("the job has started"));
+        }
+        self.dismiss_locked(&mut st, i);
+        Ok(())
+    }
+
     pub(crate) fn dismiss_locked(&self, st: &mut State, i: usize) {
         transition(&self.inner.events, &mut st.jobs[i], JobStatus::Null);
         st.jobs.remove(i);

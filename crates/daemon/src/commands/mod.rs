@@ -2,6 +2,7 @@
 //! Arguments arrive checked against the schema, so handlers read them without re-validating
 //! their types.
 
+mod backup;
 mod bitmap;
 mod blockdev_add;
 mod blockdev_del;
@@ -54,6 +55,10 @@ pub async fn execute(
         | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments).await,
         "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256(ctl, &arguments),
         "transaction" => transaction::run(ctl, &arguments).await,
+        "blockdev-backup" => {
+            let args = arguments;
+            transaction::apply(ctl, &[("blockdev-backup", &args)], false).await
+        }
         "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
         | "job-dismiss" => job::job_verb(ctl, command, &arguments).await,
         "block-job-set-speed"

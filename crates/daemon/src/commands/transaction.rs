@@ -7,9 +7,11 @@
 //! all commit. The section ends, and only then does each action clean up what needs I/O
 //! (a removed persistent bitmap leaves the image).
 //!
-//! Bitmap actions refuse `completion-mode: grouped`, as in QEMU: they start no jobs. The job
-//! actions of Step 6 (`blockdev-backup`, `drive-backup`) will put their jobs in one `JobTxn`
-//! when grouped.
+//! `blockdev-backup` actions create their jobs in prepare (the filter goes in inside the
+//! section: every backup and bitmap change of the transaction shares one point in time) and
+//! start them in commit; with `completion-mode: grouped` their jobs share one job transaction
+//! (nobody finalizes until all are done; one failure cancels the rest). Bitmap actions refuse
+//! grouped, as in QEMU: they start no jobs.
 
 use std::sync::Arc;
 
@@ -17,16 +19,18 @@ use block::BlockNode;
 use qmp::{QmpError, QmpResult};
 use serde_json::{json, Map, Value};
 
+use super::backup;
 use super::bitmap::{self, Undo};
 use crate::control::Control;
 
-fn prepare(ctl: &Control, kind: &str, data: &Map<String, Value>, grouped: bool) -> QmpResult<Undo> {
-    if grouped {
-        // None of these start jobs, so there is nothing to group.
-        return Err(QmpError::generic(format!(
-            "Action '{kind}' does not support transaction property completion-mode = grouped"
-        )));
-    }
+/// A prepared action, to commit or abort.
+#[derive(Debug)]
+enum Prepared {
+    Bitmap(Undo),
+    Backup(backup::Prepared),
+}
+
+fn prepare_bitmap(ctl: &Control, kind: &str, data: &Map<String, Value>) -> QmpResult<Undo> {
     match kind {
         "abort" => Err(QmpError::generic("Transaction aborted using Abort action")),
         "block-dirty-bitmap-add" => bitmap::add(ctl, data),
@@ -41,8 +45,15 @@ fn prepare(ctl: &Control, kind: &str, data: &Map<String, Value>, grouped: bool) 
     }
 }
 
+fn starts_job(kind: &str) -> bool {
+    kind == "blockdev-backup"
+}
+
 /// The nodes an action names (those that exist: a wrong name fails in prepare).
-fn nodes_named(ctl: &Control, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> {
+fn nodes_named(ctl: &Control, kind: &str, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> {
+    if starts_job(kind) {
+        return backup::nodes_named(ctl, data);
+    }
     let mut names: Vec<&str> = data
         .get("node")
         .and_then(Value::as_str)
@@ -64,8 +75,77 @@ fn nodes_named(ctl: &Control, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> 
         .collect()
 }
 
-/// Runs the transaction.
-pub async fn run(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
+/// Runs a transaction of `actions` (`(type, data)`).
+pub async fn apply(
+    ctl: &mut Control,
+    actions: &[(&str, &Map<String, Value>)],
+    grouped: bool,
+) -> QmpResult<Value> {
+    if grouped {
+        // Only actions that start jobs can be grouped; checked before anything is done.
+        if let Some((kind, _)) = actions.iter().find(|(k, _)| !starts_job(k)) {
+            return Err(QmpError::generic(format!(
+                "Action '{kind}' does not support transaction property completion-mode = grouped"
+            )));
+        }
+    }
+    let txn = if grouped {
+        Some(ctl.jobs.new_txn().await)
+    } else {
+        None
+    };
+    let mut involved: Vec<Arc<BlockNode>> = Vec::new();
+    for (kind, data) in actions {
+        for node in nodes_named(ctl, kind, data) {
+            if !involved.iter().any(|n| Arc::ptr_eq(n, &node)) {
+                involved.push(node);
+            }
+        }
+    }
+    let section = block::graph::drained(&involved).await;
+    let mut prepared = Vec::new();
+    let mut failure = None;
+    for (kind, data) in actions {
+        let p = if starts_job(kind) {
+            backup::prepare(ctl, data, txn).await.map(Prepared::Backup)
+        } else {
+            prepare_bitmap(ctl, kind, data).map(Prepared::Bitmap)
+        };
+        match p {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for p in prepared.into_iter().rev() {
+            match p {
+                Prepared::Bitmap(undo) => undo.undo(),
+                Prepared::Backup(b) => b.abort(ctl).await,
+            }
+        }
+        drop(section);
+        ctl.nodes.prune();
+        return Err(e);
+    }
+    let mut cleanups = Vec::new();
+    for p in prepared {
+        match p {
+            Prepared::Bitmap(undo) => cleanups.extend(undo.commit()),
+            Prepared::Backup(b) => b.commit(ctl).await,
+        }
+    }
+    drop(section);
+    for clean in cleanups {
+        clean.run().await?;
+    }
+    Ok(json!({}))
+}
+
+/// Runs the `transaction` command.
+pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
     let grouped = args
         .get("properties")
         .and_then(|p| p.get("completion-mode"))
@@ -86,31 +166,5 @@ pub async fn run(ctl: &Control, args: &Map<String, Value>) -> QmpResult<Value> {
             (kind, data)
         })
         .collect();
-    let mut involved: Vec<Arc<BlockNode>> = Vec::new();
-    for (_, data) in &actions {
-        for node in nodes_named(ctl, data) {
-            if !involved.iter().any(|n| Arc::ptr_eq(n, &node)) {
-                involved.push(node);
-            }
-        }
-    }
-    let section = block::graph::drained(&involved).await;
-    let mut prepared = Vec::new();
-    for (kind, data) in &actions {
-        match prepare(ctl, kind, data, grouped) {
-            Ok(undo) => prepared.push(undo),
-            Err(e) => {
-                for undo in prepared.into_iter().rev() {
-                    undo.undo();
-                }
-                return Err(e);
-            }
-        }
-    }
-    let cleanups: Vec<_> = prepared.into_iter().filter_map(Undo::commit).collect();
-    drop(section);
-    for clean in cleanups {
-        clean.run().await?;
-    }
-    Ok(json!({}))
+    apply(ctl, &actions, grouped).await
 }

@@ -1,0 +1,272 @@
+//! `blockdev-backup`, as a command and as a `transaction` action.
+//!
+//! The command is a transaction of one action, as in QEMU. Preparing the action runs QEMU's
+//! checks in QEMU's order, freezes the bitmap, inserts the copy-before-write filter (the point
+//! in time: the transaction's drained section holds the source) and creates the job; commit
+//! starts it; abort cancels it, which gives the bitmap back and removes the filter.
+
+use std::sync::Arc;
+
+use block::{BlockNode, Parent};
+use block_jobs::{Backup, BackupSpec, BitmapMode, OnError, SyncMode};
+use job::{JobOptions, TxnId};
+use qmp::{QmpError, QmpResult};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::decode;
+use crate::control::Control;
+
+/// `x-perf`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Perf {
+    #[allow(dead_code)]
+    use_copy_range: Option<bool>,
+    max_workers: Option<i64>,
+    max_chunk: Option<i64>,
+    min_cluster_size: Option<u64>,
+}
+
+/// The arguments of `blockdev-backup` (QEMU's BlockdevBackup).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BackupArgs {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    sync: String,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    bitmap_mode: Option<String>,
+    compress: Option<bool>,
+    on_source_error: Option<String>,
+    on_target_error: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+    #[allow(dead_code)]
+    discard_source: Option<bool>,
+    x_perf: Option<Perf>,
+}
+
+/// A prepared backup action: a created job, not started.
+#[derive(Debug)]
+pub struct Prepared {
+    id: String,
+}
+
+impl Prepared {
+    /// Starts the job.
+    pub async fn commit(self, ctl: &Control) {
+        if let Err(e) = ctl.jobs.start(&self.id).await {
+            tracing::error!(target: "blockjobd", "starting backup '{}': {e}", self.id);
+        }
+    }
+
+    /// Cancels the job: its abort and clean callbacks give the bitmap back and remove the
+    /// filter.
+    pub async fn abort(self, ctl: &Control) {
+        let _ = ctl.jobs.cancel(&self.id, true).await;
+    }
+}
+
+fn on_error(v: Option<&str>) -> OnError {
+    match v {
+        Some("ignore") => OnError::Ignore,
+        Some("stop") => OnError::Stop,
+        Some("enospc") => OnError::Enospc,
+        Some("auto") => OnError::Auto,
+        _ => OnError::Report,
+    }
+}
+
+fn generic(msg: impl Into<String>) -> QmpError {
+    QmpError::generic(msg)
+}
+
+fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
+    ctl.nodes.entry(name).map(|e| e.node.clone()).ok_or_else(|| {
+        generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })
+}
+
+/// The kind of job holding `node`, if one does (QEMU's op blockers).
+fn job_using(node: &BlockNode) -> Option<&'static str> {
+    node.parents().iter().find_map(|c| match c.parent() {
+        Parent::Job { kind, .. } => Some(kind),
+        _ => None,
+    })
+}
+
+/// The nodes a backup action names, for the transaction's drained section.
+pub fn nodes_named(ctl: &Control, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> {
+    ["device", "target"]
+        .iter()
+        .filter_map(|k| data.get(*k).and_then(Value::as_str))
+        .filter_map(|n| ctl.nodes.entry(n).map(|e| e.node.clone()))
+        .collect()
+}
+
+/// Prepares a backup action (see the module docs); `txn`: the group of a grouped
+/// transaction.
+pub async fn prepare(
+    ctl: &mut Control,
+    data: &Map<String, Value>,
+    txn: Option<TxnId>,
+) -> QmpResult<Prepared> {
+    let args: BackupArgs = decode(data)?;
+    let source = find(ctl, &args.device)?;
+    let target = find(ctl, &args.target)?;
+    let mut sync = args.sync.as_str();
+    if matches!(sync, "bitmap" | "incremental") && args.bitmap.is_none() {
+        return Err(generic(format!(
+            "must provide a valid bitmap name for '{sync}' sync mode"
+        )));
+    }
+    let mut bitmap_mode = args.bitmap_mode.as_deref();
+    if sync == "incremental" {
+        if bitmap_mode.is_some_and(|m| m != "on-success") {
+            return Err(generic(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+            ));
+        }
+        sync = "bitmap";
+        bitmap_mode = Some("on-success");
+    }
+    if let Some(name) = &args.bitmap {
+        let state = source.with_bitmap(name, |b| (b.busy(), b.inconsistent()));
+        let Some((busy, inconsistent)) = state else {
+            return Err(generic(format!("Bitmap '{name}' could not be found")));
+        };
+        let Some(mode) = bitmap_mode else {
+            return Err(generic(
+                "Bitmap sync mode must be given when providing a bitmap",
+            ));
+        };
+        if busy {
+            return Err(generic(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if inconsistent {
+            return Err(generic(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            )));
+        }
+        if sync == "none" {
+            return Err(generic(
+                "sync mode 'none' does not produce meaningful bitmap outputs",
+            ));
+        }
+        if mode == "never" && sync != "bitmap" {
+            return Err(generic(format!(
+                "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'"
+            )));
+        }
+    } else if bitmap_mode.is_some() {
+        return Err(generic("Cannot specify bitmap sync mode without a bitmap"));
+    }
+    if Arc::ptr_eq(&source, &target) {
+        return Err(generic("Source and target cannot be the same"));
+    }
+    if args.compress == Some(true) && !target.supports_compressed() {
+        // QEMU names the target's device here, which qsd's nodes do not have.
+        return Err(generic("Compression is not supported for this drive "));
+    }
+    for node in [&source, &target] {
+        if let Some(kind) = job_using(node) {
+            return Err(generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {kind}",
+                node.name()
+            )));
+        }
+    }
+    let perf = args.x_perf.unwrap_or_default();
+    let max_workers = perf.max_workers.unwrap_or(64);
+    if !(1..=i64::from(i32::MAX)).contains(&max_workers) {
+        return Err(generic("max-workers must be between 1 and 2147483647"));
+    }
+    let max_chunk = perf.max_chunk.unwrap_or(0);
+    if max_chunk < 0 {
+        return Err(generic(
+            "max-chunk must be zero (which means no limit) or positive",
+        ));
+    }
+    let filter_node_name = match &args.filter_node_name {
+        Some(name) => {
+            crate::nodes::check_node_name(name)
+                .map_err(|e| generic(format!("Could not create node: {}", e.desc)))?;
+            if ctl.nodes.entry(name).is_some() {
+                return Err(generic(format!(
+                    "Could not create node: Duplicate nodes with node-name='{name}'"
+                )));
+            }
+            name.clone()
+        }
+        None => ctl.nodes.new_auto_name(),
+    };
+    // qsd's nodes have no device names, so the default job id is empty (and refused).
+    let job_id = args.job_id.clone().unwrap_or_default();
+    let spec = BackupSpec {
+        job_id: job_id.clone(),
+        source: source.clone(),
+        target,
+        sync: match sync {
+            "full" => SyncMode::Full,
+            "top" => SyncMode::Top,
+            "none" => SyncMode::None,
+            _ => SyncMode::Bitmap,
+        },
+        bitmap: args.bitmap.clone().map(|name| {
+            let mode = match bitmap_mode {
+                Some("never") => BitmapMode::Never,
+                Some("always") => BitmapMode::Always,
+                _ => BitmapMode::OnSuccess,
+            };
+            (name, mode)
+        }),
+        on_source_error: on_error(args.on_source_error.as_deref()),
+        on_target_error: on_error(args.on_target_error.as_deref()),
+        filter_node_name,
+        compress: args.compress.unwrap_or(false),
+        max_workers: usize::try_from(max_workers).unwrap_or(64),
+        max_chunk: u64::try_from(max_chunk).unwrap_or(0),
+        min_cluster_size: perf.min_cluster_size.unwrap_or(0),
+    };
+    let backup = Backup::prepare(spec).await.map_err(generic)?;
+    let undo = |backup: Arc<Backup>| async move {
+        job::JobDriver::abort(&*backup).await;
+        job::JobDriver::clean(&*backup).await;
+    };
+    let filename = ctl
+        .nodes
+        .entry(source.name())
+        .map(|e| e.filename.clone())
+        .unwrap_or_default();
+    if let Some(filter) = backup.filter() {
+        let release = ctl.nodes.add_job_node(filter, filename);
+        backup.on_clean(release);
+    }
+    let opts = JobOptions {
+        block: true,
+        auto_finalize: args.auto_finalize.unwrap_or(true),
+        auto_dismiss: args.auto_dismiss.unwrap_or(true),
+        txn,
+        ..JobOptions::new(job_id.clone())
+    };
+    if let Err(e) = ctl.jobs.create(backup.clone(), opts).await {
+        undo(backup).await;
+        ctl.nodes.prune();
+        return Err(generic(e.to_string()));
+    }
+    if let Err(e) = ctl.jobs.set_speed(&job_id, args.speed.unwrap_or(0)).await {
+        undo(backup).await;
+        ctl.nodes.prune();
+        let _ = ctl.jobs.early_fail(&job_id).await;
+        return Err(generic(e.to_string()));
+    }
+    Ok(Prepared { id: job_id })
+}
