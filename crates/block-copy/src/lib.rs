@@ -446,10 +446,7 @@ impl BlockCopy {
     /// Claims the next dirty area at or after `from` (at most one chunk) and copies it in a
     /// task of its own. Returns the end of the area and the task, whose result says whether
     /// the area reached the target; `None` when nothing is dirty from `from` on.
-    pub fn copy_next(
-        self: &Arc<Self>,
-        from: u64,
-    ) -> Option<(u64, u64, CopyTask)> {
+    pub fn copy_next(self: &Arc<Self>, from: u64) -> Option<(u64, u64, CopyTask)> {
         let from = align_down(from, self.cluster);
         let (id, s, e) = {
             let mut st = lock(&self.state);

@@ -13,12 +13,12 @@ use std::time::Duration;
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
 use block::{Parent, PermPolicy};
 use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
-use filters::{CbwOptions, CopyBeforeWrite, OnCbwError, SnapshotAccess};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
 use drivers::qcow2::{self, Qcow2Driver};
 use drivers::raw::RawDriver;
+use filters::{CbwOptions, CopyBeforeWrite, OnCbwError, SnapshotAccess};
 use nbd::ConnectTo;
 use qmp::{QmpError, QmpResult};
 use serde_json::{json, Map, Value};
@@ -591,9 +591,10 @@ impl Nodes {
             Some(b) => {
                 let node = get_str(b, "node").unwrap_or_default();
                 let name = get_str(b, "name").unwrap_or_default();
-                let entry = self.entries.get(node).ok_or_else(|| {
-                    QmpError::generic(format!("Node '{node}' not found"))
-                })?;
+                let entry = self
+                    .entries
+                    .get(node)
+                    .ok_or_else(|| QmpError::generic(format!("Node '{node}' not found")))?;
                 let bitmap = entry
                     .node
                     .with_bitmap(name, |b| b.clone())
@@ -626,8 +627,8 @@ impl Nodes {
             bitmap,
             ..CbwOptions::default()
         };
-        let (node, cbw) = CopyBeforeWrite::open(parent.to_owned(), file, target, cbw_opts)
-            .map_err(generic)?;
+        let (node, cbw) =
+            CopyBeforeWrite::open(parent.to_owned(), file, target, cbw_opts).map_err(generic)?;
         Ok(Opened {
             driver: cbw.clone(),
             read_only: false,

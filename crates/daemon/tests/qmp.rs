@@ -74,7 +74,16 @@ fn greeting_negotiation_and_introspection() {
     cases.sort_unstable();
     assert_eq!(
         cases,
-        ["blkdebug", "file", "nbd", "null-co", "qcow2", "raw"]
+        [
+            "blkdebug",
+            "copy-before-write",
+            "file",
+            "nbd",
+            "null-co",
+            "qcow2",
+            "raw",
+            "snapshot-access"
+        ]
     );
     let file = opts["variants"]
         .as_array()

@@ -86,11 +86,14 @@ fn generic(msg: impl Into<String>) -> QmpError {
 }
 
 fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
-    ctl.nodes.entry(name).map(|e| e.node.clone()).ok_or_else(|| {
-        generic(format!(
-            "Cannot find device='{name}' nor node-name='{name}'"
-        ))
-    })
+    ctl.nodes
+        .entry(name)
+        .map(|e| e.node.clone())
+        .ok_or_else(|| {
+            generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
 }
 
 /// The kind of job holding `node`, if one does (QEMU's op blockers).

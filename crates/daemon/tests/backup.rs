@@ -1,0 +1,287 @@
+//! `blockdev-backup` through the real daemon: a throttled full backup while `qemu-io` writes
+//! through the NBD export (the target is the disk as it was when the command ran), and the
+//! refusals of QEMU's checks compared with qemu-storage-daemon's, events included.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{canon, Client, Daemon};
+use serde_json::{json, Value};
+
+fn qemu_io(args: &[&str], dir: &Path) {
+    let out = Command::new("qemu-io")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-io");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "qemu-io {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn images(dir: &Path) {
+    common::qemu_img(&["create", "-f", "qcow2", "a.qcow2", "16M"], dir);
+    common::qemu_img(&["create", "-f", "qcow2", "t.qcow2", "16M"], dir);
+    common::qemu_img(&["create", "-f", "qcow2", "small.qcow2", "8M"], dir);
+    qemu_io(
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 6M",
+            "-c",
+            "write -P 0x22 9M 1M",
+            "-c",
+            "write -z 12M 1M",
+            "a.qcow2",
+        ],
+        dir,
+    );
+}
+
+/// Waits for `event` (with its data), collecting the events seen meanwhile.
+fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no {name}: {seen:?}");
+        let v = client.read().expect("event");
+        if v.get("event").is_some() {
+            seen.push(v.clone());
+            if v["event"] == name {
+                return v;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_throttled_backup_under_guest_writes_is_the_disk_at_the_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
+        .current_dir(dir.path())
+        .status()
+        .expect("convert");
+    assert!(out.success());
+    let mut d = Daemon::start(&common::blockjobd(), &[], dir);
+    let mut c = d.client();
+    for (cmd, args) in [
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "src",
+                   "file": {"driver": "file", "filename": "a.qcow2"}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "tgt",
+                   "file": {"driver": "file", "filename": "t.qcow2"}}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 4 << 20, "filter-node-name": "cbw"}),
+        ),
+    ] {
+        let r = c.cmd(cmd, args);
+        assert_eq!(r, json!({"return": {}}), "{cmd}");
+    }
+    let exports = c.cmd("query-block-exports", json!({}));
+    assert_eq!(exports["return"][0]["node-name"], "cbw", "{exports}");
+    // The guest writes while the backup runs, over what was copied and what was not.
+    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 5M 2M",
+            "-c",
+            "write -P 0xef 12M 64k",
+            "-c",
+            "write -z 9M 64k",
+            &url,
+        ],
+        d.dir.path(),
+    );
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], 16 << 20);
+    assert_eq!(done["data"]["offset"], 16 << 20);
+    let exports = c.cmd("query-block-exports", json!({}));
+    assert_eq!(exports["return"][0]["node-name"], "src", "filter gone");
+    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    assert!(!canon(&nodes).contains("copy-before-write"), "{nodes}");
+    c.execute("quit", json!({}));
+    d.wait();
+    let dir = d.dir.path();
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            "before.raw",
+            "t.qcow2",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("compare");
+    assert!(
+        cmp.status.success(),
+        "target differs from the disk at the command: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let (ok, report) = common::qemu_img_check(&dir.join("t.qcow2"));
+    assert!(ok, "{report}");
+    qemu_io(
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0xcd 5M 2M",
+            "-c",
+            "read -P 0 9M 64k",
+            "a.qcow2",
+        ],
+        dir,
+    );
+}
+
+/// Every refusal of QEMU's checks, in QEMU's order, with its events.
+fn refusals() -> Vec<(&'static str, Value)> {
+    let b = |extra: Value| {
+        let mut args = json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"});
+        if let (Some(a), Some(e)) = (args.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                a.insert(k.clone(), v.clone());
+            }
+        }
+        ("blockdev-backup", args)
+    };
+    vec![
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "src",
+                   "file": {"driver": "file", "filename": "a.qcow2"}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "tgt",
+                   "file": {"driver": "file", "filename": "t.qcow2"}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "small",
+                   "file": {"driver": "file", "filename": "small.qcow2"}}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0"}),
+        ),
+        b(json!({"device": "nope"})),
+        b(json!({"target": "nope"})),
+        b(json!({"sync": "incremental"})),
+        b(json!({"sync": "bitmap"})),
+        b(json!({"sync": "incremental", "bitmap": "b0", "bitmap-mode": "always"})),
+        b(json!({"bitmap": "nope", "bitmap-mode": "always"})),
+        b(json!({"bitmap": "b0"})),
+        b(json!({"sync": "none", "bitmap": "b0", "bitmap-mode": "always"})),
+        b(json!({"bitmap": "b0", "bitmap-mode": "never"})),
+        b(json!({"bitmap-mode": "never"})),
+        b(json!({"target": "src"})),
+        b(json!({"x-perf": {"max-workers": 0}})),
+        b(json!({"x-perf": {"max-chunk": -1}})),
+        b(json!({"target": "small"})),
+        b(json!({"x-perf": {"max-chunk": 4096}})),
+        b(json!({"x-perf": {"min-cluster-size": 3000}})),
+        b(json!({"filter-node-name": "src"})),
+        b(json!({"filter-node-name": "1bad"})),
+        b(json!({"job-id": "1bad"})),
+        b(json!({"speed": -1})),
+        (
+            "blockdev-backup",
+            json!({"device": "src", "target": "tgt", "sync": "full"}),
+        ),
+        (
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b1"}},
+                {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}}
+            ], "properties": {"completion-mode": "grouped"}}),
+        ),
+        (
+            "transaction",
+            json!({"actions": [
+                {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt",
+                 "sync": "incremental", "bitmap": "b0"}},
+                {"type": "abort", "data": {}}
+            ]}),
+        ),
+        ("query-named-block-nodes", json!({"flat": true})),
+        ("query-jobs", json!({})),
+    ]
+}
+
+fn run_refusals(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    for (cmd, args) in refusals() {
+        c.execute(cmd, args.clone());
+        let mut events = Vec::new();
+        let reply = loop {
+            let v = c.read().expect("reply");
+            if v.get("event").is_some() {
+                events.push(format!("  event {} {}", v["event"], canon(&v["data"])));
+            } else {
+                break v;
+            }
+        };
+        let shown = if cmd == "query-named-block-nodes" {
+            // Node names of implicit nodes differ; what matters is what is there.
+            let mut drv: Vec<String> = reply["return"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| format!("{}{}", n["drv"], canon(&n["dirty-bitmaps"])))
+                .collect();
+            drv.sort();
+            drv.join(" ")
+        } else {
+            canon(&reply)
+        };
+        out.push(format!("{cmd} {} -> {shown}", canon(&args)));
+        out.extend(events);
+    }
+    out
+}
+
+#[test]
+fn refusals_are_qemu_storage_daemons() {
+    let ours = run_refusals(&common::blockjobd());
+    let theirs = run_refusals(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
