@@ -90,8 +90,9 @@ impl BlockDriver for BlkdebugDriver {
         self.image.node().len()
     }
     fn facts(&self) -> Facts {
+        // A filter: writes past the end grow the image when its file does (qcow2 over
+        // blkdebug over file allocates at the end of the file).
         Facts {
-            growable: false,
             cluster_size: None,
             ..self.image.node().facts()
         }
