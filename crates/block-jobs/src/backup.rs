@@ -21,6 +21,10 @@
 //! source's top layer does not allocate; sync=none copies nothing itself and runs until
 //! cancelled; sync=bitmap (and incremental) starts from the user's bitmap.
 //!
+//! **Drained sections** over the source or the target pause the job before it claims more
+//! work: it waits at that point until the section ends, and nothing shows in its status or
+//! events (QEMU flaps `paused`/`running` for each drain).
+//!
 //! **The bitmap** (sync=bitmap or a bitmap with full/top) is frozen with a successor for the
 //! job's life; at the end it is abdicated (the successor's writes replace it) when the job
 //! succeeded or the mode is `always`, and reclaimed (merged back) otherwise; `never` always
@@ -426,6 +430,10 @@ impl Backup {
                 self.on_error(ctx, false, &e).await?;
             }
             while set.len() < workers {
+                // A drained source or target pauses the job here, invisibly (QEMU pauses it
+                // with paused/running events each time).
+                self.spec.source.undrained().await;
+                self.spec.target.undrained().await;
                 ctx.rate_wait().await;
                 if ctx.is_cancelled() {
                     return Ok(());

@@ -116,6 +116,20 @@ impl DrainGate {
         }
     }
 
+    /// Returns once no drained section holds the gate (or the current task runs inside the
+    /// one that does): where a job waits, quietly, instead of starting work a drainer does
+    /// not want started.
+    pub async fn undrained(&self) {
+        loop {
+            let mut changed = pin!(self.inner.changed.notified());
+            changed.as_mut().enable();
+            if !self.is_drained() || PASS.try_with(|p| p.contains(&self.id())).unwrap_or(false) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Begins a drained section: new requests wait; returns once nothing is in flight.
     pub async fn drain(&self) -> Drained {
         self.inner.quiesce.fetch_add(1, Ordering::AcqRel);

@@ -254,6 +254,17 @@ impl BlockNode {
         self.gate.in_flight()
     }
 
+    /// Returns once no drained section holds the node: a job calls this before it starts
+    /// new work on the node, so a drained node pauses it without anything the user sees.
+    pub async fn undrained(&self) {
+        self.gate.undrained().await
+    }
+
+    /// True while a drained section holds the node.
+    pub fn is_drained(&self) -> bool {
+        self.gate.is_drained()
+    }
+
     /// Begins a drained section on this node.
     pub async fn drain(&self) -> Drained {
         self.gate.drain().await

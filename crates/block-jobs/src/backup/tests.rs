@@ -146,3 +146,50 @@ async fn refusals_change_nothing() {
     assert!(source.parents().is_empty() && target.parents().is_empty());
     assert!(source.bitmaps().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_source_pauses_the_job_without_events() {
+    let len = 8 << 20;
+    let source = BlockNode::new("src", MemDisk::new(len));
+    let target = BlockNode::new("tgt", MemDisk::new(len));
+    let backup = Backup::prepare(spec(&source, &target, SyncMode::Full))
+        .await
+        .expect("prepare");
+    let (mgr, events) = manager();
+    mgr.create(
+        backup.clone(),
+        JobOptions {
+            speed: 2 << 20,
+            block: true,
+            ..JobOptions::new("j")
+        },
+    )
+    .await
+    .expect("create");
+    mgr.start("j").await.expect("start");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let section = block::graph::drained(&[source.clone()]).await;
+    // Copies already past the source may still land in the target.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = mgr.info("j").await.expect("info").current;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let during = mgr.info("j").await.expect("info");
+    assert_eq!(
+        during.current, before,
+        "no copy while the source is drained"
+    );
+    assert_eq!(during.status, JobStatus::Running, "nothing shows");
+    drop(section);
+    mgr.set_speed("j", 0).await.expect("speed");
+    wait_concluded(&mgr, &events).await;
+    let statuses: Vec<JobStatus> = events
+        .lock()
+        .expect("events")
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::StatusChange { status, .. } => Some(*status),
+            _ => None,
+        })
+        .collect();
+    assert!(!statuses.contains(&JobStatus::Paused), "{statuses:?}");
+}
