@@ -515,3 +515,103 @@ fn an_incremental_chain_and_bitmap_outcomes_are_qemu_storage_daemons() {
         assert!(ok, "{t}: {report}");
     }
 }
+
+/// The events of each step ordered by job (each job's own order kept): which job of a
+/// group ends first is a race, in QEMU too.
+fn by_job(lines: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut block: Vec<String> = Vec::new();
+    let job_of = |l: &str| {
+        ["\"id\":\"", "\"device\":\""]
+            .iter()
+            .find_map(|k| {
+                l.find(k)
+                    .map(|i| l[i + k.len()..].split('"').next().unwrap_or("").to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let flush = |block: &mut Vec<String>, out: &mut Vec<String>| {
+        block.sort_by_key(|l| job_of(l));
+        out.append(block);
+    };
+    for l in lines {
+        if l.starts_with("  event") {
+            block.push(l);
+        } else {
+            flush(&mut block, &mut out);
+            out.push(l);
+        }
+    }
+    flush(&mut block, &mut out);
+    out
+}
+
+fn run_grouped(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    for f in ["b.qcow2", "tb.qcow2", "ta2.qcow2", "tb2.qcow2"] {
+        common::qemu_img(&["create", "-f", "qcow2", f, "16M"], dir.path());
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("a", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("b", "b.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tb", "tb.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("ta2", "ta2.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tb2", "tb2.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ta",
+               "file": {"driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 28}],
+                        "image": {"driver": "file", "filename": "t.qcow2"}}}),
+        None,
+    );
+    // One job fails: the other, slow, is cancelled with it.
+    step(
+        &mut c,
+        o,
+        "transaction",
+        json!({"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "ja", "device": "a", "target": "ta", "sync": "full"}},
+            {"type": "blockdev-backup", "data": {"job-id": "jb", "device": "b", "target": "tb", "sync": "full", "speed": 65536}}
+        ], "properties": {"completion-mode": "grouped"}}),
+        Some("jb"),
+    );
+    // Both succeed, and wait for one job-finalize.
+    step(
+        &mut c,
+        o,
+        "transaction",
+        json!({"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "ja2", "device": "a", "target": "ta2", "sync": "full", "auto-finalize": false}},
+            {"type": "blockdev-backup", "data": {"job-id": "jb2", "device": "b", "target": "tb2", "sync": "full", "auto-finalize": false}}
+        ], "properties": {"completion-mode": "grouped"}}),
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = c.cmd("query-jobs", json!({}));
+        let all_pending = jobs["return"]
+            .as_array()
+            .is_some_and(|j| j.len() == 2 && j.iter().all(|j| j["status"] == "pending"));
+        if all_pending {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{jobs}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    step(&mut c, o, "job-finalize", json!({"id": "jb2"}), Some("jb2"));
+    step(&mut c, o, "query-jobs", json!({}), None);
+    by_job(out)
+}
+
+#[test]
+fn grouped_backups_succeed_or_fail_together_as_in_qemu_storage_daemon() {
+    let ours = run_grouped(&common::blockjobd());
+    let theirs = run_grouped(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}

@@ -164,8 +164,11 @@ impl State {
             .ok_or(JobError::NotFound)
     }
 
+    /// The jobs of `txn`, newest first: QEMU keeps a transaction's jobs newest first and
+    /// walks them in that order (pending, finalization, abort), so events come in that order.
     pub(crate) fn members(&self, txn: TxnId) -> Vec<usize> {
         (0..self.jobs.len())
+            .rev()
             .filter(|&i| self.jobs[i].in_txn && self.jobs[i].txn == txn)
             .collect()
     }
