@@ -615,3 +615,139 @@ fn grouped_backups_succeed_or_fail_together_as_in_qemu_storage_daemon() {
     let theirs = run_grouped(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
 }
+
+fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(&["create", "-f", "qcow2", "fl.qcow2", "16M"], dir.path());
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
+        .current_dir(dir.path())
+        .status()
+        .expect("convert");
+    assert!(st.success());
+    let mut d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("fl", "fl.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "inc", "disabled": true}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "fl",
+               "on-cbw-error": "break-snapshot", "cbw-timeout": 30}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "guest", "node-name": "cbw", "writable": true}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "snap", "node-name": "acc",
+               "bitmaps": [{"node": "src", "name": "inc"}], "allocation-depth": true}),
+        None,
+    );
+    // A writer beside the filter is refused.
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "bypass", "node-name": "src", "writable": true}),
+        None,
+    );
+    let sock = d.path("nbd.sock");
+    let guest = format!("nbd+unix:///cbw?socket={}", sock.display());
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 9M 128k",
+            &guest,
+        ],
+        d.dir.path(),
+    );
+    let snap = format!("nbd+unix:///acc?socket={}", sock.display());
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &snap, "pulled.raw"])
+        .current_dir(d.dir.path())
+        .status()
+        .expect("convert");
+    assert!(st.success());
+    step(
+        &mut c,
+        o,
+        "query-named-block-nodes",
+        json!({"flat": true}),
+        None,
+    );
+    for id in ["snap", "guest"] {
+        step(&mut c, o, "block-export-del", json!({"id": id}), None);
+    }
+    step(&mut c, o, "blockdev-del", json!({"node-name": "acc"}), None);
+    step(&mut c, o, "blockdev-del", json!({"node-name": "cbw"}), None);
+    c.execute("quit", json!({}));
+    d.wait();
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    (out, dir)
+}
+
+#[test]
+fn pull_fleecing_reads_the_point_in_time_as_qemu_storage_daemon() {
+    let (ours, dir) = run_pull_fleecing(&common::blockjobd());
+    let (theirs, _) = run_pull_fleecing(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            "before.raw",
+            "pulled.raw",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("compare");
+    assert!(
+        cmp.status.success(),
+        "the snapshot export is not the disk at the filter: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    qemu_io(
+        &["-f", "qcow2", "-c", "read -P 0xab 0 1M", "a.qcow2"],
+        dir.path(),
+    );
+}
