@@ -7,6 +7,7 @@ mod bench;
 mod copy;
 mod demo;
 mod image;
+mod live;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -141,11 +142,19 @@ enum Command {
         #[arg(long = "no-drain")]
         no_drain: bool,
     },
-    /// Run the built-in demo: make a disk, copy it, verify the copy, report throughput.
+    /// Run the built-in demo: a live backup while a writer runs. A disk, the daemon in this
+    /// process, the disk exported over NBD, a writer changing it; a full backup with a new
+    /// bitmap, then an incremental one, each verified against the disk at its point in time.
     Demo {
-        /// Size of the demo disk.
-        #[arg(long, default_value = "512M")]
-        size: String,
+        /// Size of the demo disk (default 256M; 512M with --offline).
+        #[arg(long)]
+        size: Option<String>,
+        /// Keep the files (printed at the end).
+        #[arg(long)]
+        keep: bool,
+        /// The offline demo instead: copy a disk with the copy engine and verify the copy.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -343,6 +352,18 @@ async fn run(cmd: Command) -> Result<()> {
             println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
             Ok(())
         }
-        Command::Demo { size } => demo::run(image::parse_size(&size)?).await,
+        Command::Demo {
+            size,
+            keep,
+            offline,
+        } => {
+            let default = if offline { "512M" } else { "256M" };
+            let size = image::parse_size(size.as_deref().unwrap_or(default))?;
+            if offline {
+                demo::run(size).await
+            } else {
+                live::run(size, keep).await
+            }
+        }
     }
 }

@@ -168,7 +168,7 @@ async fn a_drained_source_pauses_the_job_without_events() {
     .expect("create");
     mgr.start("j").await.expect("start");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let section = block::graph::drained(&[source.clone()]).await;
+    let section = block::graph::drained(std::slice::from_ref(&source)).await;
     // Copies already past the source may still land in the target.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = mgr.info("j").await.expect("info").current;
