@@ -107,11 +107,7 @@ impl Qmp {
             }
             if tty {
                 let width = 40;
-                let filled = if len == 0 {
-                    width
-                } else {
-                    (done * width / len) as usize as u64
-                };
+                let filled = (done * width).checked_div(len).unwrap_or(width).min(width);
                 print!(
                     "\r  {id:5} [{}{}] {:>9} / {}",
                     "#".repeat(filled as usize),
@@ -383,7 +379,9 @@ pub async fn run(size: u64, keep: bool) -> Result<()> {
     let _ = tokio::task::spawn_blocking(move || q.cmd("quit", json!({}))).await;
     let _ = daemon.await;
 
-    let l = log.lock().unwrap_or_else(|p| p.into_inner());
+    let l = Arc::try_unwrap(log)
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .map_err(|_| fail("demo: the writer still holds its log"))?;
     // The point in time fell between the writes completed before the command was sent and
     // the write in flight when its reply came.
     let full_at = matches(
