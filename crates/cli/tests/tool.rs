@@ -207,3 +207,13 @@ fn bench_refuses_bad_options() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("past the end of the image"), "{err}");
 }
+
+#[test]
+fn the_live_demo_verifies_both_backups() {
+    let out = bj(&["demo", "--size", "32M"]);
+    assert!(
+        out.contains("verified: full.qcow2 equals the disk after write #")
+            && out.contains("verified: inc.qcow2 (over full.qcow2) equals the disk after write #"),
+        "{out}"
+    );
+}
