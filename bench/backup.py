@@ -11,7 +11,7 @@ depth 16 unthrottled (IOPS). Servers alternate order run by run; the report give
 the ratio of medians (> 1.0: blockjobd better) and the quartiles of the per-run ratios.
 
 Usage: bench/backup.py [--runs N] [--seconds S] [--size-mib M] [--speed-mib B]
-                       [--direct on|off]
+                       [--direct on|off] [--max-workers W] [--max-chunk-kib K]
 """
 import argparse
 import json
@@ -94,8 +94,16 @@ def fio(sock, seconds, size, rate, depth):
 def phase(q, sock, kind, a, size):
     if kind != "idle":
         sync = "full" if kind == "backup" else "none"
-        q.cmd("blockdev-backup", **{"job-id": "b", "device": "disk", "target": "tgt",
-                                    "sync": sync, "speed": a.speed_mib << 20})
+        perf = {}
+        if a.max_workers:
+            perf["max-workers"] = a.max_workers
+        if a.max_chunk_kib:
+            perf["max-chunk"] = a.max_chunk_kib << 10
+        args = {"job-id": "b", "device": "disk", "target": "tgt", "sync": sync,
+                "speed": a.speed_mib << 20}
+        if perf:
+            args["x-perf"] = perf
+        q.cmd("blockdev-backup", **args)
     try:
         fixed = fio(sock, a.seconds, size, 2000, 8)
         deep = fio(sock, a.seconds, size, 0, 16)
@@ -116,6 +124,8 @@ def main():
     ap.add_argument("--speed-mib", type=int, default=64,
                     help="speed limit of the full backup, MiB/s (default 64)")
     ap.add_argument("--direct", default="on", choices=["on", "off"])
+    ap.add_argument("--max-workers", type=int, default=0, help="backup x-perf.max-workers")
+    ap.add_argument("--max-chunk-kib", type=int, default=0, help="backup x-perf.max-chunk, KiB")
     a = ap.parse_args()
     ours = os.path.join(ROOT, "target", "release", "blockjobd")
     for tool in ("fio", "qemu-storage-daemon", "qemu-img"):

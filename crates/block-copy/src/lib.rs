@@ -496,7 +496,10 @@ impl BlockCopy {
                 });
             }
         };
-        let pieces = match self.fetch(start, end).await {
+        // A guest write waits for this read: it reads at once instead of asking block status
+        // first (a zero cluster costs a read, not the guest a round trip through the engine).
+        let guest = held.is_some();
+        let pieces = match self.fetch(start, end, guest).await {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.unclaim(id, true);
@@ -664,13 +667,23 @@ impl BlockCopy {
     }
 
     /// Reads what `[start, end)` of the source holds now, as pieces.
-    async fn fetch(&self, start: u64, end: u64) -> Result<Vec<Piece>> {
+    /// `direct`: read the range as data without asking block status (unless unallocated
+    /// ranges are to be skipped).
+    async fn fetch(&self, start: u64, end: u64, direct: bool) -> Result<Vec<Piece>> {
         let node = self.source.node();
         let base = if self.skip_unallocated.load(Ordering::Relaxed) {
             Some(top_layer_base(&node))
         } else {
             None
         };
+        if direct && base.is_none() {
+            let data = self.source.read(start, (end - start) as usize).await?;
+            return Ok(vec![Piece {
+                offset: start,
+                len: end - start,
+                content: Content::Data(data),
+            }]);
+        }
         let mut pieces: Vec<Piece> = Vec::new();
         let mut at = start;
         while at < end {
