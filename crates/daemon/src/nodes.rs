@@ -21,7 +21,9 @@ use drivers::raw::RawDriver;
 use filters::{CbwOptions, CopyBeforeWrite, OnCbwError, SnapshotAccess};
 use nbd::ConnectTo;
 use qmp::{QmpError, QmpResult};
-use serde_json::{json, Map, Value};
+use serde_json::json;
+
+use crate::commands::blockdev_add::{BlockdevOptions, BlockdevRef, InjectRule, NbdServer};
 
 /// Longest node-name QEMU accepts is 31 bytes.
 const MAX_NODE_NAME: usize = 31;
@@ -118,18 +120,6 @@ pub fn check_node_name(name: &str) -> QmpResult<()> {
     Ok(())
 }
 
-fn get_bool(m: &Map<String, Value>, key: &str) -> Option<bool> {
-    m.get(key).and_then(Value::as_bool)
-}
-
-fn get_u64(m: &Map<String, Value>, key: &str) -> Option<u64> {
-    m.get(key).and_then(Value::as_u64)
-}
-
-fn get_str<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    m.get(key).and_then(Value::as_str)
-}
-
 impl Nodes {
     /// Entries, newest first (the order QEMU lists them).
     pub fn newest_first(&self) -> Vec<(&String, &NodeEntry)> {
@@ -194,8 +184,8 @@ impl Nodes {
     }
 
     /// `blockdev-add` with checked options.
-    pub async fn add(&mut self, opts: &Map<String, Value>) -> QmpResult<()> {
-        if get_str(opts, "node-name").is_none() {
+    pub async fn add(&mut self, opts: &BlockdevOptions) -> QmpResult<()> {
+        if opts.node_name.is_none() {
             return Err(QmpError::generic(
                 "'node-name' must be specified for the root node",
             ));
@@ -217,14 +207,14 @@ impl Nodes {
 
     fn open<'a>(
         &'a mut self,
-        opts: &'a Map<String, Value>,
+        opts: &'a BlockdevOptions,
         inherit: Inherited,
         opening: &'a mut Opening,
         monitor_owned: bool,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = QmpResult<Arc<BlockNode>>> + Send + 'a>>
     {
         Box::pin(async move {
-            let name = match get_str(opts, "node-name") {
+            let name = match opts.node_name.as_deref() {
                 Some(n) => {
                     check_node_name(n)?;
                     n.to_owned()
@@ -236,22 +226,20 @@ impl Nodes {
                     "Duplicate nodes with node-name='{name}'"
                 )));
             }
-            let cache = opts.get("cache").and_then(Value::as_object);
+            let cache = opts.cache.clone().unwrap_or_default();
             let own = Inherited {
-                read_only: get_bool(opts, "read-only").unwrap_or(inherit.read_only),
-                auto_read_only: get_bool(opts, "auto-read-only").unwrap_or(inherit.auto_read_only),
+                read_only: opts.read_only.unwrap_or(inherit.read_only),
+                auto_read_only: opts.auto_read_only.unwrap_or(inherit.auto_read_only),
                 cache: CacheMode {
-                    direct: cache
-                        .and_then(|c| get_bool(c, "direct"))
-                        .unwrap_or(inherit.cache.direct),
-                    no_flush: cache
-                        .and_then(|c| get_bool(c, "no-flush"))
-                        .unwrap_or(inherit.cache.no_flush),
+                    direct: cache.direct.unwrap_or(inherit.cache.direct),
+                    no_flush: cache.no_flush.unwrap_or(inherit.cache.no_flush),
                 },
-                discard_unmap: get_str(opts, "discard")
+                discard_unmap: opts
+                    .discard
+                    .as_deref()
                     .map_or(inherit.discard_unmap, |d| d == "unmap"),
             };
-            let driver = get_str(opts, "driver").unwrap_or_default().to_owned();
+            let driver = opts.driver.clone();
             let parent = &name;
             let opened = match driver.as_str() {
                 "file" => self.open_file(opts, own)?,
@@ -312,10 +300,10 @@ impl Nodes {
         }
     }
 
-    fn open_file(&self, opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened> {
-        let filename = get_str(opts, "filename").unwrap_or_default();
+    fn open_file(&self, opts: &BlockdevOptions, own: Inherited) -> QmpResult<Opened> {
+        let filename = opts.filename.as_deref().unwrap_or_default();
         // `auto` is `on`: Linux has OFD locks.
-        let locking = get_str(opts, "locking") != Some("off");
+        let locking = opts.locking.as_deref() != Some("off");
         let options = |read_only| FileOptions {
             filename: PathBuf::from(filename),
             read_only,
@@ -346,25 +334,24 @@ impl Nodes {
     /// compatible with the child's other parents, its writability and its image locks.
     async fn child(
         &mut self,
-        value: &Value,
+        value: Option<&BlockdevRef>,
         spec: EdgeSpec,
         parent_writable: bool,
         inherit: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<Arc<Child>> {
         let node = match value {
-            Value::String(name) => {
-                self.entries
-                    .get(name)
-                    .map(|e| e.node.clone())
-                    .ok_or_else(|| {
-                        QmpError::generic(format!(
-                            "Cannot find device='{name}' nor node-name='{name}'"
-                        ))
-                    })?
-            }
-            Value::Object(m) => self.open(m, inherit, opening, false).await?,
-            _ => return Err(QmpError::generic("Invalid child reference")),
+            Some(BlockdevRef::Name(name)) => self
+                .entries
+                .get(name)
+                .map(|e| e.node.clone())
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Cannot find device='{name}' nor node-name='{name}'"
+                    ))
+                })?,
+            Some(BlockdevRef::Inline(m)) => self.open(m, inherit, opening, false).await?,
+            None => return Err(QmpError::generic("Invalid child reference")),
         };
         let need = spec
             .policy
@@ -375,13 +362,12 @@ impl Nodes {
     /// The child under `key` of a format or filter node named `parent`, with its file names.
     async fn format_child(
         &mut self,
-        opts: &Map<String, Value>,
+        value: Option<&BlockdevRef>,
         key: &'static str,
         spec: EdgeSpec,
         own: Inherited,
         opening: &mut Opening,
     ) -> QmpResult<(Arc<Child>, String, Option<PathBuf>)> {
-        let value = opts.get(key).unwrap_or(&Value::Null);
         let child = self
             .child(value, spec.named(key), !own.read_only, own, opening)
             .await?;
@@ -399,27 +385,23 @@ impl Nodes {
 
     async fn open_raw(
         &mut self,
-        opts: &Map<String, Value>,
+        opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         // With an offset or a size, raw holds data; without, it passes its users' needs on.
-        let policy = if opts.contains_key("offset") || opts.contains_key("size") {
+        let policy = if opts.offset.is_some() || opts.size.is_some() {
             PermPolicy::Data
         } else {
             PermPolicy::Filtered
         };
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into())).policy(policy);
-        let (file, filename, host_file) =
-            self.format_child(opts, "file", spec, own, opening).await?;
-        let driver = RawDriver::new(
-            file,
-            get_u64(opts, "offset").unwrap_or(0),
-            get_u64(opts, "size"),
-            !own.read_only,
-        )
-        .map_err(generic)?;
+        let (file, filename, host_file) = self
+            .format_child(opts.file.as_ref(), "file", spec, own, opening)
+            .await?;
+        let driver = RawDriver::new(file, opts.offset.unwrap_or(0), opts.size, !own.read_only)
+            .map_err(generic)?;
         Ok(Opened {
             driver: Arc::new(driver),
             read_only: own.read_only,
@@ -432,25 +414,26 @@ impl Nodes {
 
     async fn open_qcow2(
         &mut self,
-        opts: &Map<String, Value>,
+        opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into()));
-        let (file, filename, host_file) =
-            self.format_child(opts, "file", spec, own, opening).await?;
+        let (file, filename, host_file) = self
+            .format_child(opts.file.as_ref(), "file", spec, own, opening)
+            .await?;
         let header = qcow2::read_header(&file).await.map_err(generic)?;
         let backing_inherit = Inherited {
             read_only: true,
             ..own
         };
         let backing_spec = EdgeSpec::new(ChildRole::Backing, Parent::Node(parent.into()));
-        let backing = match opts.get("backing") {
-            Some(Value::Null) => None,
-            Some(reference) => Some(
+        let backing = match &opts.backing {
+            Some(None) => None,
+            Some(Some(reference)) => Some(
                 self.child(
-                    reference,
+                    Some(reference),
                     backing_spec,
                     !own.read_only,
                     backing_inherit,
@@ -527,13 +510,11 @@ impl Nodes {
             }
             None => probe(&path).await?,
         };
-        let opts = json!({
+        let opts: BlockdevOptions = serde_json::from_value(json!({
             "driver": format,
             "file": {"driver": "file", "filename": path.display().to_string()},
-        });
-        let Value::Object(opts) = opts else {
-            return Err(QmpError::generic("internal: backing options"));
-        };
+        }))
+        .map_err(|e| QmpError::generic(format!("internal: backing options: {e}")))?;
         self.open(&opts, inherit, opening, false)
             .await
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))
@@ -541,25 +522,21 @@ impl Nodes {
 
     async fn open_blkdebug(
         &mut self,
-        opts: &Map<String, Value>,
+        opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
-        let (image, filename, host_file) =
-            self.format_child(opts, "image", spec, own, opening).await?;
+        let (image, filename, host_file) = self
+            .format_child(opts.image.as_ref(), "image", spec, own, opening)
+            .await?;
         let rules = opts
-            .get("inject-error")
-            .and_then(Value::as_array)
-            .map(|rules| {
-                rules
-                    .iter()
-                    .filter_map(Value::as_object)
-                    .map(inject_rule)
-                    .collect()
-            })
-            .unwrap_or_default();
+            .inject_error
+            .iter()
+            .flatten()
+            .map(inject_rule)
+            .collect();
         Ok(Opened {
             driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only)),
             read_only: own.read_only,
@@ -574,23 +551,23 @@ impl Nodes {
     /// `cbw-timeout`, `min-cluster-size`.
     async fn open_cbw(
         &mut self,
-        opts: &Map<String, Value>,
+        opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()))
             .policy(PermPolicy::CopySource);
-        let (file, filename, host_file) =
-            self.format_child(opts, "file", spec, own, opening).await?;
+        let (file, filename, host_file) = self
+            .format_child(opts.file.as_ref(), "file", spec, own, opening)
+            .await?;
         let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()));
         let (target, _, _) = self
-            .format_child(opts, "target", spec, own, opening)
+            .format_child(opts.target.as_ref(), "target", spec, own, opening)
             .await?;
-        let bitmap = match opts.get("bitmap").and_then(Value::as_object) {
+        let bitmap = match &opts.bitmap {
             Some(b) => {
-                let node = get_str(b, "node").unwrap_or_default();
-                let name = get_str(b, "name").unwrap_or_default();
+                let (node, name) = (b.node.as_str(), b.name.as_str());
                 let entry = self
                     .entries
                     .get(node)
@@ -616,14 +593,12 @@ impl Nodes {
             None => None,
         };
         let cbw_opts = CbwOptions {
-            on_cbw_error: match get_str(opts, "on-cbw-error") {
+            on_cbw_error: match opts.on_cbw_error.as_deref() {
                 Some("break-snapshot") => OnCbwError::BreakSnapshot,
                 _ => OnCbwError::BreakGuestWrite,
             },
-            timeout: get_u64(opts, "cbw-timeout")
-                .filter(|&t| t > 0)
-                .map(Duration::from_secs),
-            min_cluster_size: get_u64(opts, "min-cluster-size").unwrap_or(0),
+            timeout: opts.cbw_timeout.filter(|&t| t > 0).map(Duration::from_secs),
+            min_cluster_size: opts.min_cluster_size.unwrap_or(0),
             bitmap,
             ..CbwOptions::default()
         };
@@ -642,7 +617,7 @@ impl Nodes {
     /// `snapshot-access` over a copy-before-write node (`file`).
     async fn open_snapshot_access(
         &mut self,
-        opts: &Map<String, Value>,
+        opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
@@ -650,8 +625,9 @@ impl Nodes {
         let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()))
             .named("file")
             .policy(PermPolicy::Free);
-        let (file, filename, host_file) =
-            self.format_child(opts, "file", spec, own, opening).await?;
+        let (file, filename, host_file) = self
+            .format_child(opts.file.as_ref(), "file", spec, own, opening)
+            .await?;
         let cbw = self
             .entries
             .get(file.node().name())
@@ -770,28 +746,25 @@ struct Opened {
 }
 
 /// The `nbd` driver: `server` (unix path or inet host/port), `export`, `reconnect-delay`.
-async fn open_nbd(opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened> {
-    let server = opts.get("server").and_then(Value::as_object);
-    let field = |k: &str| {
-        server
-            .and_then(|m| get_str(m, k))
-            .unwrap_or_default()
-            .to_owned()
+async fn open_nbd(opts: &BlockdevOptions, own: Inherited) -> QmpResult<Opened> {
+    let server = opts.server.as_ref();
+    let field = |f: fn(&NbdServer) -> &Option<String>| {
+        server.and_then(|m| f(m).clone()).unwrap_or_default()
     };
-    let export = get_str(opts, "export").unwrap_or_default();
-    let (target, filename) = match server.and_then(|m| get_str(m, "type")) {
+    let export = opts.export.as_deref().unwrap_or_default();
+    let (target, filename) = match server.map(|s| s.kind.as_str()) {
         Some("unix") => {
-            let path = field("path");
+            let path = field(|s| &s.path);
             let uri = format!("nbd+unix:///{export}?socket={path}");
             (ConnectTo::Unix(PathBuf::from(path)), uri)
         }
         _ => {
-            let (host, port) = (field("host"), field("port"));
+            let (host, port) = (field(|s| &s.host), field(|s| &s.port));
             let uri = format!("nbd://{host}:{port}/{export}");
             (ConnectTo::Tcp(host, port), uri)
         }
     };
-    let delay = Duration::from_secs(get_u64(opts, "reconnect-delay").unwrap_or(0));
+    let delay = Duration::from_secs(opts.reconnect_delay.unwrap_or(0));
     let read_only = own.read_only;
     let driver = match NbdDriver::connect(target.clone(), export, delay, read_only).await {
         Err(e) if own.auto_read_only && e.kind() == block::ErrorKind::ReadOnly => {
@@ -810,8 +783,8 @@ async fn open_nbd(opts: &Map<String, Value>, own: Inherited) -> QmpResult<Opened
     })
 }
 
-fn open_null(opts: &Map<String, Value>, own: Inherited) -> Opened {
-    let size = get_u64(opts, "size").unwrap_or(DEFAULT_NULL_SIZE);
+fn open_null(opts: &BlockdevOptions, own: Inherited) -> Opened {
+    let size = opts.size.unwrap_or(DEFAULT_NULL_SIZE);
     Opened {
         driver: Arc::new(NullDriver::new(size).read_only(own.read_only)),
         read_only: own.read_only,
@@ -822,22 +795,18 @@ fn open_null(opts: &Map<String, Value>, own: Inherited) -> Opened {
     }
 }
 
-fn inject_rule(m: &Map<String, Value>) -> InjectError {
+fn inject_rule(m: &InjectRule) -> InjectError {
     InjectError {
-        event: match get_str(m, "event") {
-            Some("write_aio") => DebugEvent::WriteAio,
+        event: match m.event.as_str() {
+            "write_aio" => DebugEvent::WriteAio,
             _ => DebugEvent::ReadAio,
         },
         errno: m
-            .get("errno")
-            .and_then(Value::as_i64)
+            .errno
             .and_then(|e| i32::try_from(e).ok())
             .unwrap_or(libc::EIO),
-        sector: m
-            .get("sector")
-            .and_then(Value::as_i64)
-            .and_then(|s| u64::try_from(s).ok()),
-        once: get_bool(m, "once").unwrap_or(false),
+        sector: m.sector.and_then(|s| u64::try_from(s).ok()),
+        once: m.once.unwrap_or(false),
     }
 }
 

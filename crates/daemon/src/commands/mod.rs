@@ -4,7 +4,7 @@
 
 mod backup;
 mod bitmap;
-mod blockdev_add;
+pub mod blockdev_add;
 mod blockdev_del;
 mod export;
 mod job;
@@ -37,7 +37,7 @@ pub async fn execute(
         "query-commands" => Ok(query::commands(ctl)),
         "query-qmp-schema" => Ok(ctl.schema.introspect()),
         "query-block" => Ok(query::block()),
-        "query-named-block-nodes" => Ok(query_named_block_nodes::run(ctl, &arguments)),
+        "query-named-block-nodes" => query_named_block_nodes::run(ctl, &arguments),
         "blockdev-add" => blockdev_add::run(ctl, &arguments).await,
         "blockdev-del" => blockdev_del::run(ctl, &arguments).await,
         "nbd-server-start" => export::server_start(ctl, &arguments).await,

@@ -17,10 +17,12 @@ use std::sync::Arc;
 
 use block::BlockNode;
 use qmp::{QmpError, QmpResult};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::backup;
 use super::bitmap::{self, Undo};
+use super::decode;
 use crate::control::Control;
 
 /// A prepared action, to commit or abort.
@@ -144,27 +146,38 @@ pub async fn apply(
     Ok(json!({}))
 }
 
+/// One action: its type and its arguments (decoded by the action's own module).
+#[derive(Debug, Deserialize)]
+struct Action {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    data: Map<String, Value>,
+}
+
+/// `properties`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Properties {
+    completion_mode: Option<String>,
+}
+
+/// The arguments of `transaction`.
+#[derive(Debug, Deserialize)]
+struct Args {
+    actions: Vec<Action>,
+    #[serde(default)]
+    properties: Properties,
+}
+
 /// Runs the `transaction` command.
 pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
-    let grouped = args
-        .get("properties")
-        .and_then(|p| p.get("completion-mode"))
-        .and_then(Value::as_str)
-        == Some("grouped");
-    let empty = Map::new();
+    let args: Args = decode(args)?;
+    let grouped = args.properties.completion_mode.as_deref() == Some("grouped");
     let actions: Vec<(&str, &Map<String, Value>)> = args
-        .get("actions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|action| {
-            let kind = action.get("type").and_then(Value::as_str).unwrap_or("");
-            let data = action
-                .get("data")
-                .and_then(Value::as_object)
-                .unwrap_or(&empty);
-            (kind, data)
-        })
+        .actions
+        .iter()
+        .map(|a| (a.kind.as_str(), &a.data))
         .collect();
     apply(ctl, &actions, grouped).await
 }
