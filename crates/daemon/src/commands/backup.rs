@@ -10,7 +10,7 @@ use std::sync::Arc;
 use block::{BlockNode, Parent};
 use block_jobs::{Backup, BackupSpec, BitmapMode, OnError, SyncMode};
 use job::{JobOptions, TxnId};
-use qmp::{QmpError, QmpResult};
+use qmp::{QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -272,4 +272,47 @@ pub async fn prepare(
         return Err(generic(e.to_string()));
     }
     Ok(Prepared { id: job_id })
+}
+
+/// `blockdev-backup`'s schema.
+pub(crate) fn schema(s: &mut Schema) {
+    s.enumeration(
+        "MirrorSyncMode",
+        &["top", "full", "none", "incremental", "bitmap"],
+    )
+    .enumeration("BitmapSyncMode", &["on-success", "never", "always"])
+    .enumeration(
+        "BlockdevOnError",
+        &["report", "ignore", "enospc", "stop", "auto"],
+    )
+    .object(
+        "BackupPerf",
+        &[
+            "*use-copy-range:bool",
+            "*max-workers:int",
+            "*max-chunk:int",
+            "*min-cluster-size:size",
+        ],
+    )
+    .object(
+        "BlockdevBackup",
+        &[
+            "*job-id:str",
+            "device:str",
+            "target:str",
+            "sync:MirrorSyncMode",
+            "*speed:int",
+            "*bitmap:str",
+            "*bitmap-mode:BitmapSyncMode",
+            "*compress:bool",
+            "*on-source-error:BlockdevOnError",
+            "*on-target-error:BlockdevOnError",
+            "*auto-finalize:bool",
+            "*auto-dismiss:bool",
+            "*filter-node-name:str",
+            "*discard-source:bool",
+            "*x-perf:BackupPerf",
+        ],
+    );
+    s.command("blockdev-backup", Some("BlockdevBackup"), None, &[]);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bitmap::{check_granularity, DirtyBitmap, HBitmap};
 use block::BlockNode;
-use qmp::{QmpError, QmpResult};
+use qmp::{QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -414,6 +414,81 @@ pub async fn run(ctl: &Control, command: &str, args: &Map<String, Value>) -> Qmp
         clean.run().await?;
     }
     Ok(json!({}))
+}
+
+/// The schema of the dirty bitmap commands.
+pub(crate) fn schema(s: &mut Schema) {
+    s.object(
+        "BlockDirtyInfo",
+        &[
+            "*name:str",
+            "count:int",
+            "granularity:uint32",
+            "recording:bool",
+            "busy:bool",
+            "persistent:bool",
+            "*inconsistent:bool",
+        ],
+    )
+    .object("BlockDirtyBitmap", &["node:str", "name:str"])
+    .alternate("BlockDirtyBitmapOrStr", &["str", "BlockDirtyBitmap"])
+    .object(
+        "BlockDirtyBitmapAdd",
+        &[
+            "node:str",
+            "name:str",
+            "*granularity:uint32",
+            "*persistent:bool",
+            "*disabled:bool",
+        ],
+    )
+    .object(
+        "BlockDirtyBitmapMerge",
+        &["node:str", "target:str", "bitmaps:[BlockDirtyBitmapOrStr]"],
+    )
+    .object("BlockDirtyBitmapSha256", &["sha256:str"]);
+    s.command(
+        "block-dirty-bitmap-add",
+        Some("BlockDirtyBitmapAdd"),
+        None,
+        &[],
+    )
+    .command(
+        "block-dirty-bitmap-remove",
+        Some("BlockDirtyBitmap"),
+        None,
+        &[],
+    )
+    .command(
+        "block-dirty-bitmap-clear",
+        Some("BlockDirtyBitmap"),
+        None,
+        &[],
+    )
+    .command(
+        "block-dirty-bitmap-enable",
+        Some("BlockDirtyBitmap"),
+        None,
+        &[],
+    )
+    .command(
+        "block-dirty-bitmap-disable",
+        Some("BlockDirtyBitmap"),
+        None,
+        &[],
+    )
+    .command(
+        "block-dirty-bitmap-merge",
+        Some("BlockDirtyBitmapMerge"),
+        None,
+        &[],
+    )
+    .command(
+        "x-debug-block-dirty-bitmap-sha256",
+        Some("BlockDirtyBitmap"),
+        Some("BlockDirtyBitmapSha256"),
+        &["unstable"],
+    );
 }
 
 #[cfg(test)]

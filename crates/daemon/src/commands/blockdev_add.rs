@@ -4,7 +4,7 @@
 //! so [`BlockdevOptions`] holds the members of every driver side by side, each optional; the
 //! opener of each driver (`crate::nodes`) reads its own.
 
-use qmp::QmpResult;
+use qmp::{QmpResult, Schema};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
 
@@ -140,4 +140,109 @@ pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Valu
     let opts: BlockdevOptions = decode(args)?;
     ctl.nodes.add(&opts).await?;
     Ok(json!({}))
+}
+
+/// The drivers `blockdev-add` accepts.
+pub const DRIVERS: &[&str] = &[
+    "blkdebug",
+    "copy-before-write",
+    "file",
+    "nbd",
+    "null-co",
+    "qcow2",
+    "raw",
+    "snapshot-access",
+];
+
+/// `blockdev-add`'s schema: every driver's options, and the command.
+pub(crate) fn schema(s: &mut Schema) {
+    s.enumeration("BlockdevDriver", DRIVERS)
+        .enumeration("BlockdevDiscardOptions", &["ignore", "unmap"])
+        .enumeration("BlockdevDetectZeroesOptions", &["off"])
+        .enumeration("BlockdevAioOptions", &["threads"])
+        .enumeration("OnOffAuto", &["auto", "on", "off"])
+        .object("BlockdevCacheOptions", &["*direct:bool", "*no-flush:bool"])
+        .union(
+            "BlockdevOptions",
+            &[
+                "driver:BlockdevDriver",
+                "*node-name:str",
+                "*discard:BlockdevDiscardOptions",
+                "*cache:BlockdevCacheOptions",
+                "*read-only:bool",
+                "*auto-read-only:bool",
+                "*detect-zeroes:BlockdevDetectZeroesOptions",
+            ],
+            "driver",
+            &[
+                ("blkdebug", "BlockdevOptionsBlkdebug"),
+                ("copy-before-write", "BlockdevOptionsCbw"),
+                ("snapshot-access", "BlockdevOptionsGenericFormat"),
+                ("file", "BlockdevOptionsFile"),
+                ("nbd", "BlockdevOptionsNbd"),
+                ("null-co", "BlockdevOptionsNull"),
+                ("qcow2", "BlockdevOptionsQcow2"),
+                ("raw", "BlockdevOptionsRaw"),
+            ],
+        )
+        .object(
+            "BlockdevOptionsFile",
+            &[
+                "filename:str",
+                "*locking:OnOffAuto",
+                "*aio:BlockdevAioOptions",
+            ],
+        )
+        .object("BlockdevOptionsNull", &["*size:size", "*read-zeroes:bool"])
+        .object(
+            "BlockdevOptionsNbd",
+            &[
+                "server:SocketAddress",
+                "*export:str",
+                "*reconnect-delay:uint32",
+            ],
+        )
+        .object(
+            "BlockdevOptionsRaw",
+            &["file:BlockdevRef", "*offset:uint64", "*size:uint64"],
+        )
+        .object(
+            "BlockdevOptionsQcow2",
+            &["file:BlockdevRef", "*backing:BlockdevRefOrNull"],
+        )
+        .enumeration("BlkdebugEvent", &["read_aio", "write_aio"])
+        .object(
+            "BlkdebugInjectErrorOptions",
+            &[
+                "event:BlkdebugEvent",
+                "*errno:int",
+                "*sector:int",
+                "*once:bool",
+                "*immediately:bool",
+            ],
+        )
+        .object(
+            "BlockdevOptionsBlkdebug",
+            &[
+                "image:BlockdevRef",
+                "*inject-error:[BlkdebugInjectErrorOptions]",
+            ],
+        )
+        .enumeration("OnCbwError", &["break-guest-write", "break-snapshot"])
+        .object("BlockDirtyBitmapRef", &["node:str", "name:str"])
+        .object(
+            "BlockdevOptionsCbw",
+            &[
+                "file:BlockdevRef",
+                "target:BlockdevRef",
+                "*bitmap:BlockDirtyBitmapRef",
+                "*on-cbw-error:OnCbwError",
+                "*cbw-timeout:int",
+                "*min-cluster-size:size",
+            ],
+        )
+        .object("BlockdevOptionsGenericFormat", &["file:BlockdevRef"])
+        .alternate("BlockdevRef", &["BlockdevOptions", "str"])
+        .alternate("BlockdevRefOrNull", &["BlockdevOptions", "str", "null"]);
+    s.command("blockdev-add", Some("BlockdevOptions"), None, &[]);
 }

@@ -1,6 +1,6 @@
 //! `blockdev-del`: closes a node created by `blockdev-add` that nothing uses any more.
 
-use qmp::QmpResult;
+use qmp::{QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -19,4 +19,10 @@ pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Valu
     let Args { node_name } = decode(args)?;
     ctl.nodes.delete(&node_name).await?;
     Ok(json!({}))
+}
+
+/// `blockdev-del`'s schema.
+pub(crate) fn schema(s: &mut Schema) {
+    s.object("BlockdevDelArgs", &["node-name:str"]);
+    s.command("blockdev-del", Some("BlockdevDelArgs"), None, &[]);
 }

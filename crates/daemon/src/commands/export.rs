@@ -8,7 +8,7 @@ use std::time::Duration;
 use block::{BlockBackend, BlockNode, ChildRole, EdgePerm, Parent, Perm};
 use nbd::server::{Listener, MetaContext};
 use nbd::{Export, ExportConfig, NbdServer, ServerConfig};
-use qmp::{QmpError, QmpResult};
+use qmp::{QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -365,4 +365,112 @@ pub fn nbd_server_remove(ctl: &mut Control, args: &Map<String, Value>) -> QmpRes
 
 fn generic(e: block::BlockError) -> QmpError {
     QmpError::generic(error_text(&e))
+}
+
+/// The schema of the NBD server and export commands.
+pub(crate) fn schema(s: &mut Schema) {
+    s.enumeration("SocketAddressType", &["inet", "unix"])
+        .object("InetSocketAddress", &["host:str", "port:str"])
+        .object("UnixSocketAddress", &["path:str"])
+        .object("InetSocketAddressWrapper", &["data:InetSocketAddress"])
+        .object("UnixSocketAddressWrapper", &["data:UnixSocketAddress"])
+        .union(
+            "SocketAddressLegacy",
+            &["type:SocketAddressType"],
+            "type",
+            &[
+                ("inet", "InetSocketAddressWrapper"),
+                ("unix", "UnixSocketAddressWrapper"),
+            ],
+        )
+        .union(
+            "SocketAddress",
+            &["type:SocketAddressType"],
+            "type",
+            &[("inet", "InetSocketAddress"), ("unix", "UnixSocketAddress")],
+        )
+        .object(
+            "NbdServerStartArgs",
+            &[
+                "addr:SocketAddressLegacy",
+                "*max-connections:uint32",
+                "*handshake-max-seconds:uint32",
+            ],
+        )
+        .object(
+            "NbdServerOptions",
+            &[
+                "addr:SocketAddress",
+                "*max-connections:uint32",
+                "*handshake-max-seconds:uint32",
+            ],
+        )
+        .enumeration("BlockExportType", &["nbd"])
+        .union(
+            "BlockExportOptions",
+            &[
+                "type:BlockExportType",
+                "id:str",
+                "node-name:str",
+                "*writable:bool",
+                "*writethrough:bool",
+            ],
+            "type",
+            &[("nbd", "BlockExportOptionsNbd")],
+        )
+        .object(
+            "BlockExportOptionsNbd",
+            &[
+                "*name:str",
+                "*description:str",
+                "*bitmaps:[BlockDirtyBitmapOrStr]",
+                "*allocation-depth:bool",
+            ],
+        )
+        .enumeration("BlockExportRemoveMode", &["safe", "hard"])
+        .object(
+            "BlockExportDelArgs",
+            &["id:str", "*mode:BlockExportRemoveMode"],
+        )
+        .object(
+            "BlockExportInfo",
+            &[
+                "id:str",
+                "type:BlockExportType",
+                "node-name:str",
+                "shutting-down:bool",
+            ],
+        )
+        .object(
+            "NbdServerAddOptions",
+            &[
+                "device:str",
+                "*name:str",
+                "*description:str",
+                "*writable:bool",
+                "*bitmap:str",
+            ],
+        )
+        .object(
+            "NbdServerRemoveArgs",
+            &["name:str", "*mode:BlockExportRemoveMode"],
+        )
+        .object("BlockExportDeletedData", &["id:str"]);
+    s.command("nbd-server-start", Some("NbdServerStartArgs"), None, &[])
+        .command("nbd-server-stop", None, None, &[])
+        .command("block-export-add", Some("BlockExportOptions"), None, &[])
+        .command("block-export-del", Some("BlockExportDelArgs"), None, &[])
+        .command("query-block-exports", None, Some("[BlockExportInfo]"), &[])
+        .command(
+            "nbd-server-add",
+            Some("NbdServerAddOptions"),
+            None,
+            &["deprecated"],
+        )
+        .command(
+            "nbd-server-remove",
+            Some("NbdServerRemoveArgs"),
+            None,
+            &["deprecated"],
+        );
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use job::{JobError, JobInfo, JobOptions, JobVerb};
-use qmp::{ErrorClass, QmpError, QmpResult};
+use qmp::{ErrorClass, QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -202,4 +202,172 @@ pub async fn blockdev_create(ctl: &Control, args: &Map<String, Value>) -> QmpRes
         .map_err(job_error)?;
     ctl.jobs.start(id).await.map_err(job_error)?;
     Ok(json!({}))
+}
+
+const JOB_TYPES: &[&str] = &[
+    "commit",
+    "stream",
+    "mirror",
+    "backup",
+    "create",
+    "amend",
+    "snapshot-load",
+    "snapshot-save",
+    "snapshot-delete",
+];
+
+/// The schema of the job commands (and `blockdev-create`, whose job is `create`).
+pub(crate) fn schema(s: &mut Schema) {
+    s.enumeration("JobType", JOB_TYPES)
+        .enumeration(
+            "JobStatus",
+            &[
+                "undefined",
+                "created",
+                "running",
+                "paused",
+                "ready",
+                "standby",
+                "waiting",
+                "pending",
+                "aborting",
+                "concluded",
+                "null",
+            ],
+        )
+        .object(
+            "JobInfo",
+            &[
+                "id:str",
+                "type:JobType",
+                "status:JobStatus",
+                "current-progress:int",
+                "total-progress:int",
+                "*error:str",
+            ],
+        )
+        .object("JobIdArgs", &["id:str"])
+        .object("BlockJobDeviceArgs", &["device:str"])
+        .object("BlockJobSetSpeedArgs", &["device:str", "speed:int"])
+        .object("BlockJobCancelArgs", &["device:str", "*force:bool"])
+        .enumeration("BlockDeviceIoStatus", &["ok", "failed", "nospace"])
+        .enumeration("MirrorCopyMode", &["background", "write-blocking"])
+        .object("BlockJobInfoMirror", &["actively-synced:bool"])
+        .object("BlockJobChangeOptionsMirror", &["copy-mode:MirrorCopyMode"])
+        .union(
+            "BlockJobInfo",
+            &[
+                "type:JobType",
+                "device:str",
+                "len:int",
+                "offset:int",
+                "busy:bool",
+                "paused:bool",
+                "speed:int",
+                "io-status:BlockDeviceIoStatus",
+                "ready:bool",
+                "status:JobStatus",
+                "auto-finalize:bool",
+                "auto-dismiss:bool",
+                "*error:str",
+            ],
+            "type",
+            &[("mirror", "BlockJobInfoMirror")],
+        )
+        .union(
+            "BlockJobChangeOptions",
+            &["id:str", "type:JobType"],
+            "type",
+            &[("mirror", "BlockJobChangeOptionsMirror")],
+        )
+        .enumeration("PreallocMode", &["off", "metadata", "falloc", "full"])
+        .enumeration("BlockdevQcow2Version", &["v2", "v3"])
+        .enumeration("Qcow2CompressionType", &["zlib", "zstd"])
+        .object(
+            "BlockdevCreateOptionsFile",
+            &["filename:str", "size:size", "*preallocation:PreallocMode"],
+        )
+        .object(
+            "BlockdevCreateOptionsQcow2",
+            &[
+                "file:BlockdevRef",
+                "size:size",
+                "*version:BlockdevQcow2Version",
+                "*backing-file:str",
+                "*backing-fmt:BlockdevDriver",
+                "*cluster-size:size",
+                "*preallocation:PreallocMode",
+                "*lazy-refcounts:bool",
+                "*refcount-bits:int",
+                "*compression-type:Qcow2CompressionType",
+            ],
+        )
+        .union(
+            "BlockdevCreateOptions",
+            &["driver:BlockdevDriver"],
+            "driver",
+            &[
+                ("file", "BlockdevCreateOptionsFile"),
+                ("qcow2", "BlockdevCreateOptionsQcow2"),
+            ],
+        )
+        .object(
+            "BlockdevCreateArgs",
+            &["job-id:str", "options:BlockdevCreateOptions"],
+        )
+        .object("JobStatusChangeData", &["id:str", "status:JobStatus"])
+        .object(
+            "BlockJobProgressData",
+            &[
+                "type:JobType",
+                "device:str",
+                "len:int",
+                "offset:int",
+                "speed:int",
+            ],
+        )
+        .object(
+            "BlockJobCompletedData",
+            &[
+                "type:JobType",
+                "device:str",
+                "len:int",
+                "offset:int",
+                "speed:int",
+                "*error:str",
+            ],
+        )
+        .enumeration("IoOperationType", &["read", "write"])
+        .enumeration("BlockErrorAction", &["ignore", "report", "stop"])
+        .object(
+            "BlockJobErrorData",
+            &[
+                "device:str",
+                "operation:IoOperationType",
+                "action:BlockErrorAction",
+            ],
+        )
+        .object("BlockJobPendingData", &["type:JobType", "id:str"]);
+    s.command("job-pause", Some("JobIdArgs"), None, &[])
+        .command("job-resume", Some("JobIdArgs"), None, &[])
+        .command("job-cancel", Some("JobIdArgs"), None, &[])
+        .command("job-complete", Some("JobIdArgs"), None, &[])
+        .command("job-finalize", Some("JobIdArgs"), None, &[])
+        .command("job-dismiss", Some("JobIdArgs"), None, &[])
+        .command("query-jobs", None, Some("[JobInfo]"), &[])
+        .command(
+            "block-job-set-speed",
+            Some("BlockJobSetSpeedArgs"),
+            None,
+            &[],
+        )
+        .command("block-job-cancel", Some("BlockJobCancelArgs"), None, &[])
+        .command("block-job-pause", Some("BlockJobDeviceArgs"), None, &[])
+        .command("block-job-resume", Some("BlockJobDeviceArgs"), None, &[])
+        .command("block-job-complete", Some("BlockJobDeviceArgs"), None, &[])
+        .command("block-job-dismiss", Some("JobIdArgs"), None, &[])
+        .command("block-job-finalize", Some("JobIdArgs"), None, &[])
+        .command("block-job-change", Some("BlockJobChangeOptions"), None, &[])
+        .command("query-block-jobs", None, Some("[BlockJobInfo]"), &[])
+        .command("blockdev-create", Some("BlockdevCreateArgs"), None, &[]);
 }

@@ -19,6 +19,20 @@ use serde_json::{json, Map, Value};
 
 use crate::control::Control;
 
+/// Declares every command of this module's families, with its argument and reply types, in
+/// the order `query-commands` lists them.
+pub(crate) fn schema(s: &mut qmp::Schema) {
+    blockdev_add::schema(s);
+    blockdev_del::schema(s);
+    query_named_block_nodes::schema(s);
+    query::schema(s);
+    export::schema(s);
+    bitmap::schema(s);
+    transaction::schema(s);
+    job::schema(s);
+    backup::schema(s);
+}
+
 /// A command's arguments as its typed struct. They passed the schema check already, so the
 /// types agree; a failure here is ours, and is reported like any other argument error.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(args: &Map<String, Value>) -> QmpResult<T> {

@@ -1,5 +1,6 @@
 //! `query-version`, `query-commands`, `query-block`.
 
+use qmp::Schema;
 use serde_json::{json, Value};
 
 use crate::control::Control;
@@ -25,4 +26,9 @@ pub fn commands(ctl: &Control) -> Value {
 /// `query-named-block-nodes`.
 pub fn block() -> Value {
     json!([])
+}
+
+/// `query-block`'s schema (its types are the node information's).
+pub(crate) fn schema(s: &mut Schema) {
+    s.command("query-block", None, Some("[BlockInfo]"), &[]);
 }

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use block::BlockNode;
-use qmp::{QmpError, QmpResult};
+use qmp::{QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -180,4 +180,58 @@ pub async fn run(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Valu
         .map(|a| (a.kind.as_str(), &a.data))
         .collect();
     apply(ctl, &actions, grouped).await
+}
+
+/// `transaction`'s schema: its actions and properties.
+pub(crate) fn schema(s: &mut Schema) {
+    s.enumeration(
+        "TransactionActionKind",
+        &[
+            "abort",
+            "blockdev-backup",
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge",
+        ],
+    )
+    .object("Abort", &[])
+    .object("AbortWrapper", &["data:Abort"])
+    .object("BlockdevBackupWrapper", &["data:BlockdevBackup"])
+    .object("BlockDirtyBitmapAddWrapper", &["data:BlockDirtyBitmapAdd"])
+    .object("BlockDirtyBitmapWrapper", &["data:BlockDirtyBitmap"])
+    .object(
+        "BlockDirtyBitmapMergeWrapper",
+        &["data:BlockDirtyBitmapMerge"],
+    )
+    .union(
+        "TransactionAction",
+        &["type:TransactionActionKind"],
+        "type",
+        &[
+            ("abort", "AbortWrapper"),
+            ("blockdev-backup", "BlockdevBackupWrapper"),
+            ("block-dirty-bitmap-add", "BlockDirtyBitmapAddWrapper"),
+            ("block-dirty-bitmap-remove", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-clear", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-enable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
+            ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
+        ],
+    )
+    .enumeration("ActionCompletionMode", &["individual", "grouped"])
+    .object(
+        "TransactionProperties",
+        &["*completion-mode:ActionCompletionMode"],
+    )
+    .object(
+        "TransactionArgs",
+        &[
+            "actions:[TransactionAction]",
+            "*properties:TransactionProperties",
+        ],
+    );
+    s.command("transaction", Some("TransactionArgs"), None, &[]);
 }
