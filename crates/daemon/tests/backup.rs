@@ -751,3 +751,85 @@ fn pull_fleecing_reads_the_point_in_time_as_qemu_storage_daemon() {
         dir.path(),
     );
 }
+
+fn run_busy(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tgt", "t.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+               "speed": 65536, "filter-node-name": "cbw"}),
+        None,
+    );
+    for (cmd, args) in [
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "tgt", "writable": true}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e2", "node-name": "src", "writable": true}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "src"}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e4", "node-name": "cbw", "writable": true}),
+        ),
+        ("blockdev-del", json!({"node-name": "tgt"})),
+        ("blockdev-del", json!({"node-name": "src"})),
+        ("blockdev-del", json!({"node-name": "cbw"})),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j2", "device": "src", "target": "tgt", "sync": "full"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j3", "device": "cbw", "target": "tgt", "sync": "full"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j4", "device": "tgt", "target": "src", "sync": "full"}),
+        ),
+        ("query-block-exports", json!({})),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    for id in ["e1", "e3", "e4"] {
+        step(&mut c, o, "block-export-del", json!({"id": id}), None);
+    }
+    step(&mut c, o, "job-cancel", json!({"id": "j"}), Some("j"));
+    step(&mut c, o, "blockdev-del", json!({"node-name": "tgt"}), None);
+    step(
+        &mut c,
+        o,
+        "query-named-block-nodes",
+        json!({"flat": true}),
+        None,
+    );
+    out
+}
+
+#[test]
+fn a_running_backup_holds_its_nodes_as_in_qemu_storage_daemon() {
+    let ours = run_busy(&common::blockjobd());
+    let theirs = run_busy(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
