@@ -833,3 +833,57 @@ fn a_running_backup_holds_its_nodes_as_in_qemu_storage_daemon() {
     let theirs = run_busy(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
 }
+
+fn run_compressed(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(&["create", "-f", "raw", "r.raw", "16M"], dir.path());
+    let mut d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tgt", "t.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "r.raw"}}),
+        None,
+    );
+    let b = |id: &str, target: &str| json!({"job-id": id, "device": "src", "target": target, "sync": "full", "compress": true});
+    step(&mut c, o, "blockdev-backup", b("j0", "r"), None);
+    step(&mut c, o, "blockdev-backup", b("j1", "tgt"), Some("j1"));
+    // qcow2 does not overwrite clusters with compressed data: the second one fails.
+    step(&mut c, o, "blockdev-backup", b("j2", "tgt"), Some("j2"));
+    c.execute("quit", json!({}));
+    d.wait();
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    (out, dir)
+}
+
+#[test]
+fn compressed_backups_are_qemu_storage_daemons() {
+    let (ours, dir) = run_compressed(&common::blockjobd());
+    let (theirs, qdir) = run_compressed(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "a.qcow2", "t.qcow2"])
+        .current_dir(dir.path())
+        .output()
+        .expect("compare");
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let (ok, ours) = common::qemu_img_check(&dir.path().join("t.qcow2"));
+    let (_, theirs) = common::qemu_img_check(&qdir.path().join("t.qcow2"));
+    assert!(ok && ours.contains("100.00% compressed clusters"), "{ours}");
+    let allocated = |r: &str| {
+        r.lines()
+            .find(|l| l.contains("allocated"))
+            .map(str::to_owned)
+    };
+    assert_eq!(allocated(&ours), allocated(&theirs));
+}

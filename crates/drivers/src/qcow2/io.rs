@@ -425,6 +425,14 @@ impl Qcow2Driver {
         let (old, host) = {
             let mut meta = self.meta.lock().await;
             let old = meta.mapping(gc).await?;
+            if old.host_range(cs).is_some() {
+                // As in QEMU: compressed data only goes to clusters that hold nothing yet
+                // (a backup with compress=true into a used image fails here).
+                return Err(BlockError::io(
+                    format!("compressed write to allocated cluster at offset {offset}"),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
             (old, meta.alloc_bytes(packed.len() as u64).await?)
         };
         let size = packed.len() as u64;
