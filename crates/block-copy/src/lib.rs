@@ -78,6 +78,9 @@ pub struct Options {
     pub memory: u64,
     /// Guests wait for the target write (the target's readers see the source).
     pub write_through: bool,
+    /// Discard each range from the source once it is in the target (backup
+    /// `discard-source`, push fleecing from a snapshot-access node).
+    pub discard_source: bool,
 }
 
 impl Options {
@@ -89,6 +92,7 @@ impl Options {
             compress: false,
             memory: DEFAULT_MEMORY,
             write_through: false,
+            discard_source: false,
         }
     }
 }
@@ -178,6 +182,7 @@ pub struct BlockCopy {
     chunk: u64,
     compress: bool,
     write_through: bool,
+    discard_source: bool,
     bitmap: BitmapHandle,
     state: Mutex<State>,
     changed: Notify,
@@ -257,6 +262,7 @@ impl BlockCopy {
             chunk,
             compress: opts.compress,
             write_through: opts.write_through,
+            discard_source: opts.discard_source,
             bitmap,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
@@ -523,6 +529,11 @@ impl BlockCopy {
         }
         match self.store(&pieces).await {
             Ok(()) => {
+                if self.discard_source {
+                    // What the source held is in the target now: let it go (a failure
+                    // only keeps space in use).
+                    let _ = self.source.discard(start, end.min(self.len) - start).await;
+                }
                 self.unclaim(id, false);
                 drop(permit);
                 if let Some(tx) = held.take() {

@@ -119,6 +119,8 @@ pub struct BackupSpec {
     pub max_chunk: u64,
     /// Smallest copy cluster (0 = none).
     pub min_cluster_size: u64,
+    /// Discard from the source what was copied (push fleecing from a snapshot-access node).
+    pub discard_source: bool,
 }
 
 /// What the job holds in the graph until it is cleaned up; dropping it lets go of every
@@ -282,13 +284,18 @@ impl Backup {
         let filter = spec.filter_node_name.clone();
         let file_spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(filter.clone()))
             .named("file")
-            .policy(PermPolicy::CopySource);
+            .policy(if spec.discard_source {
+                PermPolicy::CopySourceDiscard
+            } else {
+                PermPolicy::CopySource
+            });
         let mut made: Option<Arc<CopyBeforeWrite>> = None;
         let target = spec.target.clone();
         let opts = CbwOptions {
             min_cluster_size: spec.min_cluster_size,
             compress: spec.compress,
             max_chunk: spec.max_chunk,
+            discard_source: spec.discard_source,
             ..CbwOptions::default()
         };
         let inserted = graph::insert_filter_with(&spec.source, Some(file_spec), |file| {

@@ -165,6 +165,9 @@ pub enum PermPolicy {
     /// and once the filter has a parent it also reads the source consistently and lets
     /// nobody else write or resize it (a writer beside the filter would bypass it).
     CopySource,
+    /// [`CopySource`](Self::CopySource) of a copy that discards what it copied from its
+    /// source (backup `discard-source`): it also writes the source.
+    CopySourceDiscard,
     /// The target a node copies into (copy-before-write's `target`): written whatever the
     /// parent's own users do; everyone else may do anything but resize it.
     CopyTarget,
@@ -189,7 +192,11 @@ impl PermPolicy {
                 perm | Perm::CONSISTENT_READ,
                 shared & !(Perm::WRITE | Perm::RESIZE),
             ),
-            PermPolicy::CopySource => of_parent,
+            PermPolicy::CopySourceDiscard if has_parents => EdgePerm::new(
+                perm | Perm::CONSISTENT_READ | Perm::WRITE,
+                shared & !(Perm::WRITE | Perm::RESIZE),
+            ),
+            PermPolicy::CopySource | PermPolicy::CopySourceDiscard => of_parent,
             PermPolicy::CopyTarget => EdgePerm::new(Perm::WRITE, Perm::ALL & !Perm::RESIZE),
             PermPolicy::Free => EdgePerm::FREE,
             PermPolicy::Fixed | PermPolicy::Filtered => of_parent,

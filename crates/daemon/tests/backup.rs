@@ -887,3 +887,107 @@ fn compressed_backups_are_qemu_storage_daemons() {
     };
     assert_eq!(allocated(&ours), allocated(&theirs));
 }
+
+fn run_push_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(&["create", "-f", "qcow2", "fl.qcow2", "16M"], dir.path());
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
+        .current_dir(dir.path())
+        .status()
+        .expect("convert");
+    assert!(st.success());
+    let mut d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("fl", "fl.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tgt", "t.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "fcbw", "file": "src", "target": "fl"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "fcbw", "discard": "unmap"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "guest", "node-name": "fcbw", "writable": true}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-backup",
+        json!({"job-id": "push", "device": "acc", "target": "tgt", "sync": "full",
+               "discard-source": true, "speed": 8 << 20,
+               "x-perf": {"min-cluster-size": 65536}}),
+        None,
+    );
+    let guest = format!("nbd+unix:///fcbw?socket={}", d.path("nbd.sock").display());
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 14M 1M",
+            &guest,
+        ],
+        d.dir.path(),
+    );
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    let mut data = done["data"].clone();
+    data["offset"] = json!(0);
+    o.push(format!("  completed {}", canon(&data)));
+    c.execute("quit", json!({}));
+    d.wait();
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    (out, dir)
+}
+
+#[test]
+fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
+    let (ours, dir) = run_push_fleecing(&common::blockjobd());
+    let (theirs, qdir) = run_push_fleecing(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    let cmp = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            "before.raw",
+            "t.qcow2",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("compare");
+    assert!(
+        cmp.status.success(),
+        "the pushed backup is not the disk at the filter: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    drop(qdir);
+}

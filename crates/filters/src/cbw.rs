@@ -59,6 +59,9 @@ pub struct CbwOptions {
     pub compress: bool,
     /// Largest chunk a copy task moves (backup `x-perf.max-chunk`, 0 = default).
     pub max_chunk: u64,
+    /// Discard what was copied from the source (backup `discard-source`; the `file` edge
+    /// then has the policy `CopySourceDiscard`).
+    pub discard_source: bool,
 }
 
 /// The copy cluster for `target`: at least 64 KiB and `min_cluster_size`, and at least the
@@ -160,6 +163,7 @@ impl CopyBeforeWrite {
         copy.write_through = write_through;
         copy.compress = opts.compress;
         copy.max_chunk = opts.max_chunk;
+        copy.discard_source = opts.discard_source;
         let bcs = BlockCopy::new(file, target, &node, copy)?;
         let len = bcs.len();
         bcs.with_bitmap(|b| match &opts.bitmap {

@@ -18,6 +18,7 @@ fn spec(source: &Arc<BlockNode>, target: &Arc<BlockNode>, sync: SyncMode) -> Bac
         max_workers: 4,
         max_chunk: 0,
         min_cluster_size: 0,
+        discard_source: false,
     }
 }
 

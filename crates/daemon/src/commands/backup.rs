@@ -45,7 +45,6 @@ struct BackupArgs {
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
     filter_node_name: Option<String>,
-    #[allow(dead_code)]
     discard_source: Option<bool>,
     x_perf: Option<Perf>,
 }
@@ -238,6 +237,7 @@ pub async fn prepare(
         max_workers: usize::try_from(max_workers).unwrap_or(64),
         max_chunk: u64::try_from(max_chunk).unwrap_or(0),
         min_cluster_size: perf.min_cluster_size.unwrap_or(0),
+        discard_source: args.discard_source.unwrap_or(false),
     };
     let backup = Backup::prepare(spec).await.map_err(generic)?;
     let undo = |backup: Arc<Backup>| async move {
