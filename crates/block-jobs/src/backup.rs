@@ -16,7 +16,8 @@
 //! point in time is the drained section of the command, or of the whole `transaction`.
 //!
 //! **The copy.** The job's `run` copies what the copy bitmap still holds, up to
-//! `max-workers` chunks at once, charging its speed limit; guest writes copy their clusters
+//! `max-workers` chunks at once (with a speed limit, only as many as the speed needs),
+//! charging its speed limit; guest writes copy their clusters
 //! first through the filter (never rate-limited). sync=top first clears the clusters the
 //! source's top layer does not allocate; sync=none copies nothing itself and runs until
 //! cancelled; sync=bitmap (and incremental) starts from the user's bitmap.
@@ -130,6 +131,38 @@ struct Parts {
     bcs: Arc<BlockCopy>,
     inserted: Inserted,
     edges: Vec<Arc<Child>>,
+}
+
+/// How many chunks the background copy keeps in flight. Without a speed limit, `max-workers`
+/// (QEMU's rule). With one, only as many as the speed needs given how long a chunk has been
+/// taking, plus one: a throttled copy then moves its chunks one after the other instead of
+/// in bursts of a whole 100 ms slice at once, and the guest's writes do not queue behind a
+/// burst.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Moving average of a chunk's copy time, seconds (0 until one finished).
+    chunk_secs: f64,
+}
+
+impl Pace {
+    fn record(&mut self, took: Duration) {
+        let t = took.as_secs_f64();
+        self.chunk_secs = if self.chunk_secs == 0.0 {
+            t
+        } else {
+            0.8 * self.chunk_secs + 0.2 * t
+        };
+    }
+
+    fn workers(&self, speed: u64, chunk: u64, max_workers: usize) -> usize {
+        let max = max_workers.max(1);
+        if speed == 0 || chunk == 0 {
+            return max;
+        }
+        // Chunks per second the speed allows, times how long each stays in flight.
+        let needed = (speed as f64 / chunk as f64 * self.chunk_secs).ceil() as usize;
+        (needed + 1).clamp(1, max)
+    }
 }
 
 /// A backup job; see the module docs.
@@ -427,8 +460,9 @@ impl Backup {
     async fn copy_all(&self, bcs: &Arc<BlockCopy>, ctx: &JobContext) -> Result<(), String> {
         let mut set = tokio::task::JoinSet::new();
         let mut cursor = 0;
-        let workers = self.spec.max_workers.max(1);
+        let mut pace = Pace::default();
         loop {
+            let workers = pace.workers(ctx.speed(), bcs.chunk(), self.spec.max_workers);
             ctx.pause_point().await;
             if ctx.is_cancelled() {
                 return Ok(());
@@ -449,16 +483,19 @@ impl Backup {
                     Some((start, end, task)) => {
                         ctx.rate_charge(end - start);
                         cursor = end;
-                        set.spawn(task);
+                        set.spawn(async move {
+                            let began = std::time::Instant::now();
+                            (task.await, began.elapsed())
+                        });
                     }
                     None if cursor > 0 => cursor = 0,
                     None => break,
                 }
             }
             match set.join_next().await {
-                Some(Ok(Ok(Ok(_)))) => {}
-                Some(Ok(Ok(Err(e)))) => self.on_error(ctx, e.read, &e.error).await?,
-                Some(Ok(Err(_))) | Some(Err(_)) => {
+                Some(Ok((Ok(Ok(_)), took))) => pace.record(took),
+                Some(Ok((Ok(Err(e)), _))) => self.on_error(ctx, e.read, &e.error).await?,
+                Some(Ok((Err(_), _))) | Some(Err(_)) => {
                     return Err("the copy failed unexpectedly (internal error)".into())
                 }
                 None => {

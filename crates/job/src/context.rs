@@ -148,6 +148,11 @@ impl JobContext {
         }
     }
 
+    /// The speed limit now, bytes/s (0: none).
+    pub fn speed(&self) -> u64 {
+        lock_std(&self.shared.rate).speed
+    }
+
     /// Charges `n` bytes just copied to the speed limit.
     pub fn rate_charge(&self, n: u64) {
         let mut r = lock_std(&self.shared.rate);

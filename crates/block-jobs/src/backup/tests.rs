@@ -194,3 +194,21 @@ async fn a_drained_source_pauses_the_job_without_events() {
         .collect();
     assert!(!statuses.contains(&JobStatus::Paused), "{statuses:?}");
 }
+
+#[test]
+fn a_throttled_copy_keeps_only_the_chunks_its_speed_needs_in_flight() {
+    let mut pace = Pace::default();
+    // Unlimited: QEMU's max-workers.
+    assert_eq!(pace.workers(0, 1 << 20, 64), 64);
+    // Before any chunk finished: one, and the next.
+    assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 1);
+    // 64 chunks a second that take 10 ms each: one in flight on average, plus one.
+    pace.record(Duration::from_millis(10));
+    assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 2);
+    // Slow chunks need more to hold the speed, up to max-workers.
+    for _ in 0..50 {
+        pace.record(Duration::from_millis(200));
+    }
+    assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 14);
+    assert_eq!(pace.workers(64 << 20, 1 << 20, 8), 8);
+}
