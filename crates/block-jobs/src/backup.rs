@@ -122,6 +122,8 @@ pub struct BackupSpec {
     pub min_cluster_size: u64,
     /// Discard from the source what was copied (push fleecing from a snapshot-access node).
     pub discard_source: bool,
+    /// What a failed copy of a guest write does (QEMU 10.1's `on-cbw-error`).
+    pub on_cbw_error: filters::OnCbwError,
 }
 
 /// What the job holds in the graph until it is cleaned up; dropping it lets go of every
@@ -329,6 +331,7 @@ impl Backup {
             compress: spec.compress,
             max_chunk: spec.max_chunk,
             discard_source: spec.discard_source,
+            on_cbw_error: spec.on_cbw_error,
             ..CbwOptions::default()
         };
         let inserted = graph::insert_filter_with(&spec.source, Some(file_spec), |file| {

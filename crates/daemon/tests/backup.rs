@@ -991,3 +991,60 @@ fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
     );
     drop(qdir);
 }
+
+/// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
+/// write whose old data cannot be read fails under break-guest-write and goes on under
+/// break-snapshot.
+fn guest_write_with_failing_copy(mode: &str) -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(&common::blockjobd(), &[], dir);
+    let mut c = d.client();
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("disk", "a.qcow2")),
+        (
+            "blockdev-add",
+            json!({"driver": "blkdebug", "node-name": "src", "image": "disk",
+                   "inject-error": [{"event": "read_aio", "errno": 5, "sector": 30720}]}),
+        ),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 65536, "on-cbw-error": mode}),
+        ),
+    ] {
+        assert_eq!(c.cmd(cmd, args), json!({"return": {}}), "{cmd}");
+    }
+    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 15M 4k", &url])
+        .current_dir(d.dir.path())
+        .output()
+        .expect("qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let ok = out.status.success() && text.contains("wrote 4096/4096");
+    c.execute("quit", json!({}));
+    ok
+}
+
+#[test]
+fn on_cbw_error_breaks_the_guest_write_or_the_snapshot() {
+    assert!(
+        !guest_write_with_failing_copy("break-guest-write"),
+        "the guest write must fail when its old data cannot be saved"
+    );
+    assert!(
+        guest_write_with_failing_copy("break-snapshot"),
+        "the guest write goes on and the snapshot breaks"
+    );
+}

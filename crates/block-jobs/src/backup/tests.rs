@@ -19,6 +19,7 @@ fn spec(source: &Arc<BlockNode>, target: &Arc<BlockNode>, sync: SyncMode) -> Bac
         max_chunk: 0,
         min_cluster_size: 0,
         discard_source: false,
+        on_cbw_error: filters::OnCbwError::BreakGuestWrite,
     }
 }
 

@@ -46,6 +46,7 @@ struct BackupArgs {
     auto_dismiss: Option<bool>,
     filter_node_name: Option<String>,
     discard_source: Option<bool>,
+    on_cbw_error: Option<String>,
     x_perf: Option<Perf>,
 }
 
@@ -238,6 +239,10 @@ pub async fn prepare(
         max_chunk: u64::try_from(max_chunk).unwrap_or(0),
         min_cluster_size: perf.min_cluster_size.unwrap_or(0),
         discard_source: args.discard_source.unwrap_or(false),
+        on_cbw_error: match args.on_cbw_error.as_deref() {
+            Some("break-snapshot") => filters::OnCbwError::BreakSnapshot,
+            _ => filters::OnCbwError::BreakGuestWrite,
+        },
     };
     let backup = Backup::prepare(spec).await.map_err(generic)?;
     let undo = |backup: Arc<Backup>| async move {
@@ -311,6 +316,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "*auto-dismiss:bool",
             "*filter-node-name:str",
             "*discard-source:bool",
+            "*on-cbw-error:OnCbwError",
             "*x-perf:BackupPerf",
         ],
     );
