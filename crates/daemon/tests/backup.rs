@@ -45,6 +45,38 @@ fn images(dir: &Path) {
     );
 }
 
+/// Saves the source disk as `before.raw`: what a backup taken from now on must equal.
+fn save_before(dir: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
+        .current_dir(dir)
+        .status()
+        .expect("convert");
+    assert!(st.success());
+}
+
+/// `qemu-img compare ARGS` in `dir` says the images are identical.
+fn assert_identical(dir: &Path, args: &[&str], what: &str) {
+    let cmp = Command::new("qemu-img")
+        .arg("compare")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("compare");
+    assert!(
+        cmp.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
+/// Quits the daemon and hands back its directory.
+fn quit(c: &mut Client, mut d: Daemon) -> tempfile::TempDir {
+    c.execute("quit", json!({}));
+    d.wait();
+    std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"))
+}
+
 /// Waits for `event` (with its data), collecting the events seen meanwhile.
 fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -64,12 +96,7 @@ fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
 fn a_throttled_backup_under_guest_writes_is_the_disk_at_the_command() {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
-        .current_dir(dir.path())
-        .status()
-        .expect("convert");
-    assert!(out.success());
+    save_before(dir.path());
     let mut d = Daemon::start(&common::blockjobd(), &[], dir);
     let mut c = d.client();
     for (cmd, args) in [
@@ -132,23 +159,10 @@ fn a_throttled_backup_under_guest_writes_is_the_disk_at_the_command() {
     c.execute("quit", json!({}));
     d.wait();
     let dir = d.dir.path();
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            "before.raw",
-            "t.qcow2",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "target differs from the disk at the command: {}",
-        String::from_utf8_lossy(&cmp.stdout)
+    assert_identical(
+        dir,
+        &["-f", "raw", "-F", "qcow2", "before.raw", "t.qcow2"],
+        "target differs from the disk at the command",
     );
     let (ok, report) = common::qemu_img_check(&dir.join("t.qcow2"));
     assert!(ok, "{report}");
@@ -370,7 +384,7 @@ fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
             dir.path(),
         );
     }
-    let mut d = Daemon::start(program, &[], dir);
+    let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out = Vec::new();
     let q = json!({"flat": true});
@@ -467,9 +481,7 @@ fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         Some("full2"),
     );
     step(&mut c, o, "query-named-block-nodes", q, None);
-    c.execute("quit", json!({}));
-    d.wait();
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    let dir = quit(&mut c, d);
     (out, dir)
 }
 
@@ -500,16 +512,7 @@ fn an_incremental_chain_and_bitmap_outcomes_are_qemu_storage_daemons() {
         ],
         dir,
     );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "a.qcow2", "t4.qcow2"])
-        .current_dir(dir)
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_identical(dir, &["a.qcow2", "t4.qcow2"], "t4 differs from the disk");
     for t in ["t.qcow2", "t1.qcow2", "t3.qcow2", "t4.qcow2"] {
         let (ok, report) = common::qemu_img_check(&dir.join(t));
         assert!(ok, "{t}: {report}");
@@ -620,13 +623,8 @@ fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
     common::qemu_img(&["create", "-f", "qcow2", "fl.qcow2", "16M"], dir.path());
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
-        .current_dir(dir.path())
-        .status()
-        .expect("convert");
-    assert!(st.success());
-    let mut d = Daemon::start(program, &[], dir);
+    save_before(dir.path());
+    let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out = Vec::new();
     let o = &mut out;
@@ -717,9 +715,7 @@ fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     }
     step(&mut c, o, "blockdev-del", json!({"node-name": "acc"}), None);
     step(&mut c, o, "blockdev-del", json!({"node-name": "cbw"}), None);
-    c.execute("quit", json!({}));
-    d.wait();
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    let dir = quit(&mut c, d);
     (out, dir)
 }
 
@@ -728,23 +724,10 @@ fn pull_fleecing_reads_the_point_in_time_as_qemu_storage_daemon() {
     let (ours, dir) = run_pull_fleecing(&common::blockjobd());
     let (theirs, _) = run_pull_fleecing(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            "before.raw",
-            "pulled.raw",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "the snapshot export is not the disk at the filter: {}",
-        String::from_utf8_lossy(&cmp.stdout)
+    assert_identical(
+        dir.path(),
+        &["-f", "raw", "-F", "raw", "before.raw", "pulled.raw"],
+        "the snapshot export is not the disk at the filter",
     );
     qemu_io(
         &["-f", "qcow2", "-c", "read -P 0xab 0 1M", "a.qcow2"],
@@ -838,7 +821,7 @@ fn run_compressed(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
     common::qemu_img(&["create", "-f", "raw", "r.raw", "16M"], dir.path());
-    let mut d = Daemon::start(program, &[], dir);
+    let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out = Vec::new();
     let o = &mut out;
@@ -856,9 +839,7 @@ fn run_compressed(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     step(&mut c, o, "blockdev-backup", b("j1", "tgt"), Some("j1"));
     // qcow2 does not overwrite clusters with compressed data: the second one fails.
     step(&mut c, o, "blockdev-backup", b("j2", "tgt"), Some("j2"));
-    c.execute("quit", json!({}));
-    d.wait();
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    let dir = quit(&mut c, d);
     (out, dir)
 }
 
@@ -867,15 +848,10 @@ fn compressed_backups_are_qemu_storage_daemons() {
     let (ours, dir) = run_compressed(&common::blockjobd());
     let (theirs, qdir) = run_compressed(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "a.qcow2", "t.qcow2"])
-        .current_dir(dir.path())
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
+    assert_identical(
+        dir.path(),
+        &["a.qcow2", "t.qcow2"],
+        "t differs from the disk",
     );
     let (ok, ours) = common::qemu_img_check(&dir.path().join("t.qcow2"));
     let (_, theirs) = common::qemu_img_check(&qdir.path().join("t.qcow2"));
@@ -892,13 +868,8 @@ fn run_push_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
     common::qemu_img(&["create", "-f", "qcow2", "fl.qcow2", "16M"], dir.path());
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw", "a.qcow2", "before.raw"])
-        .current_dir(dir.path())
-        .status()
-        .expect("convert");
-    assert!(st.success());
-    let mut d = Daemon::start(program, &[], dir);
+    save_before(dir.path());
+    let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out = Vec::new();
     let o = &mut out;
@@ -960,36 +931,20 @@ fn run_push_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     let mut data = done["data"].clone();
     data["offset"] = json!(0);
     o.push(format!("  completed {}", canon(&data)));
-    c.execute("quit", json!({}));
-    d.wait();
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+    let dir = quit(&mut c, d);
     (out, dir)
 }
 
 #[test]
 fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
     let (ours, dir) = run_push_fleecing(&common::blockjobd());
-    let (theirs, qdir) = run_push_fleecing(Path::new("qemu-storage-daemon"));
+    let (theirs, _) = run_push_fleecing(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            "before.raw",
-            "t.qcow2",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "the pushed backup is not the disk at the filter: {}",
-        String::from_utf8_lossy(&cmp.stdout)
+    assert_identical(
+        dir.path(),
+        &["-f", "raw", "-F", "qcow2", "before.raw", "t.qcow2"],
+        "the pushed backup is not the disk at the filter",
     );
-    drop(qdir);
 }
 
 /// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest

@@ -267,6 +267,30 @@ impl CopyBeforeWrite {
         }
     }
 
+    /// `[offset, end)` split by whether a guest write protected it (`done`: its old data is
+    /// in the target or held, no longer in the source); EACCES once the snapshot is broken or
+    /// part of the range was discarded from it.
+    fn readable_runs(
+        snap: &SnapState,
+        a: &Attached,
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64, bool)>> {
+        if snap.error.is_some() {
+            return Err(eacces("the snapshot is broken"));
+        }
+        let accessible = a
+            .access
+            .with(|b| b.next_clean(offset, end).is_none())
+            .unwrap_or(false);
+        if !accessible {
+            return Err(eacces("the range was discarded from the snapshot"));
+        }
+        Ok(a.done
+            .with(|d| done_runs(d, offset, end))
+            .unwrap_or_else(|| vec![(offset, end, false)]))
+    }
+
     /// Reads `[offset, offset+len)` as it was when the filter went in (snapshot-access).
     /// Fails with EACCES once the snapshot is broken or the range was discarded.
     pub async fn snapshot_read(&self, offset: u64, len: u64) -> Result<Bytes> {
@@ -274,20 +298,7 @@ impl CopyBeforeWrite {
         let end = offset + len;
         let (runs, frozen) = {
             let mut snap = self.snap();
-            if snap.error.is_some() {
-                return Err(eacces("the snapshot is broken"));
-            }
-            let accessible = a
-                .access
-                .with(|b| b.next_clean(offset, end).is_none())
-                .unwrap_or(false);
-            if !accessible {
-                return Err(eacces("the range was discarded from the snapshot"));
-            }
-            let runs = a
-                .done
-                .with(|d| done_runs(d, offset, end))
-                .unwrap_or_else(|| vec![(offset, end, false)]);
+            let runs = Self::readable_runs(&snap, a, offset, end)?;
             snap.next_id += 1;
             let id = snap.next_id;
             snap.frozen.push((id, offset, end));
@@ -321,21 +332,7 @@ impl CopyBeforeWrite {
     /// Block status of the point-in-time view.
     pub async fn snapshot_block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let a = self.attached()?;
-        if self.snapshot_broken() {
-            return Err(eacces("the snapshot is broken"));
-        }
-        let end = offset + len;
-        let accessible = a
-            .access
-            .with(|b| b.next_clean(offset, end).is_none())
-            .unwrap_or(false);
-        if !accessible {
-            return Err(eacces("the range was discarded from the snapshot"));
-        }
-        let runs = a
-            .done
-            .with(|d| done_runs(d, offset, end))
-            .unwrap_or_else(|| vec![(offset, end, false)]);
+        let runs = Self::readable_runs(&self.snap(), a, offset, offset + len)?;
         let (s, e, done) = runs[0];
         if done {
             return Ok(BlockStatus::data(e - s, None));
