@@ -82,13 +82,18 @@ pub struct Config {
 }
 
 /// The host I/O switches, read once at start-up: `BLOCKJOB_WRITE_LANE=0` leaves buffered
-/// writes to the kernel's inode lock and `BLOCKJOB_CACHED_READS=0` sends every read to a
-/// worker, for comparison runs (README, Performance).
+/// writes to the kernel's inode lock, `BLOCKJOB_CACHED_READS=0` sends every read to a
+/// worker, and `BLOCKJOB_AIO=threads` makes the thread pool the engine of file nodes that do
+/// not name one (io_uring otherwise), for comparison runs (README, Performance).
 pub fn io_tuning_from_env() -> drivers::file::IoTuning {
     let off = |var: &str| std::env::var(var).as_deref() == Ok("0");
     drivers::file::IoTuning {
         write_lane: !off("BLOCKJOB_WRITE_LANE"),
         cached_reads: !off("BLOCKJOB_CACHED_READS"),
+        aio: match std::env::var("BLOCKJOB_AIO").as_deref() {
+            Ok("threads") => drivers::file::Aio::Threads,
+            _ => drivers::file::Aio::IoUring,
+        },
     }
 }
 

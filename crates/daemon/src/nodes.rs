@@ -304,12 +304,18 @@ impl Nodes {
         let filename = opts.filename.as_deref().unwrap_or_default();
         // `auto` is `on`: Linux has OFD locks.
         let locking = opts.locking.as_deref() != Some("off");
+        let aio = match opts.aio.as_deref() {
+            Some("threads") => Some(drivers::file::Aio::Threads),
+            Some("io_uring") => Some(drivers::file::Aio::IoUring),
+            _ => None,
+        };
         let options = |read_only| FileOptions {
             filename: PathBuf::from(filename),
             read_only,
             direct: own.cache.direct,
             no_flush: own.cache.no_flush,
             locking,
+            aio,
             io: self.io,
         };
         let (driver, read_only) = match FileDriver::open(options(own.read_only)) {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine};
+use crate::engine::{CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine, UringEngine};
 use async_trait::async_trait;
 use block::{BlockDriver, BlockError, BlockStatus, EdgePerm, ErrorKind, Facts, ImageInfo};
 use block::{IoVec, Perm, Result, WriteFlags, ZeroFlags};
@@ -60,8 +60,20 @@ pub struct FileOptions {
     /// another process's locks forbid (see [`ImageLocks`]). `auto` and `on` are both true on
     /// Linux, which has OFD locks.
     pub locking: bool,
+    /// `aio`: the engine asked for by name; `None` takes [`IoTuning::aio`] and falls back to
+    /// the thread pool where io_uring cannot be used.
+    pub aio: Option<Aio>,
     /// How host I/O is done.
     pub io: IoTuning,
+}
+
+/// Which engine does a file's I/O (QEMU's `aio` option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aio {
+    /// Blocking system calls on a pool of threads ([`ThreadPoolEngine`]; QEMU's default).
+    Threads,
+    /// io_uring ([`UringEngine`]): no thread hand-off on submission, one wake-up on completion.
+    IoUring,
 }
 
 /// How the file driver does host I/O. Both on by default; the switches exist for comparison
@@ -74,6 +86,8 @@ pub struct IoTuning {
     /// Buffered reads ask the page cache on the caller's thread first; off sends every read
     /// to a worker.
     pub cached_reads: bool,
+    /// The engine of files whose `aio` is not given.
+    pub aio: Aio,
 }
 
 impl Default for IoTuning {
@@ -81,6 +95,7 @@ impl Default for IoTuning {
         Self {
             write_lane: true,
             cached_reads: true,
+            aio: Aio::IoUring,
         }
     }
 }
@@ -94,6 +109,7 @@ impl FileOptions {
             direct: false,
             no_flush: false,
             locking: true,
+            aio: None,
             io: IoTuning::default(),
         }
     }
@@ -247,9 +263,20 @@ impl FileDriver {
         let write_lane =
             (options.io.write_lane && seekable_holes && !options.direct).then(Arc::default);
         let read_hint = (options.io.cached_reads && !options.direct).then(CacheHint::default);
+        let engine: Arc<dyn IoEngine> = match options.aio.unwrap_or(options.io.aio) {
+            Aio::Threads => ThreadPoolEngine::global(),
+            Aio::IoUring => match UringEngine::new(ThreadPoolEngine::global()) {
+                Ok(uring) => Arc::new(uring),
+                Err(e) if options.aio.is_some() => {
+                    let msg = "Unable to use io_uring: failed to init linux io_uring ring";
+                    return Err(BlockError::io(msg, e));
+                }
+                Err(_) => ThreadPoolEngine::global(),
+            },
+        };
         Ok(FileDriver {
             fd: Arc::new(fd),
-            engine: ThreadPoolEngine::global(),
+            engine,
             len: AtomicU64::new(len),
             seekable_holes,
             request_align,

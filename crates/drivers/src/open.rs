@@ -103,6 +103,7 @@ async fn open_layer(
         direct: opts.direct,
         no_flush: opts.no_flush,
         locking: true,
+        aio: None,
         io: opts.io,
     };
     let file_node = BlockNode::new(

@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock};
 use block::{BlockNode, Child, ChildRole, IoVec, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use common::*;
-use drivers::file::{FileDriver, FileOptions};
+use drivers::file::{Aio, FileDriver, FileOptions};
 use drivers::null::NullDriver;
 use drivers::qcow2::{CreateOptions, Preallocation};
 use drivers::raw::RawDriver;
@@ -176,7 +176,11 @@ impl Model {
 /// One kind of disk under test: how to create it, open it again, and what it starts with.
 #[derive(Clone, Copy, Debug)]
 enum Subject {
-    File { direct: bool },
+    /// `threads`: the thread-pool engine instead of the default (io_uring).
+    File {
+        direct: bool,
+        threads: bool,
+    },
     RawWindow,
     Null,
     Qcow2(Qcow2Shape),
@@ -258,16 +262,17 @@ impl Subject {
     }
 
     async fn open(self, path: &Path) -> Disk {
-        let file = |direct: bool| {
+        let file = |direct: bool, threads: bool| {
             let mut o = FileOptions::new(path);
             o.direct = direct;
+            o.aio = threads.then_some(Aio::Threads);
             BlockNode::new("file", Arc::new(FileDriver::open(o).expect("open file")))
         };
         let node = match self {
-            Subject::File { direct } => file(direct),
+            Subject::File { direct, threads } => file(direct, threads),
             Subject::Null => BlockNode::new("null", Arc::new(NullDriver::new(SIZE))),
             Subject::RawWindow => {
-                let child = Child::new(ChildRole::File, file(false));
+                let child = Child::new(ChildRole::File, file(false, false));
                 let raw = RawDriver::new(child, RAW_OFFSET, Some(SIZE), true).expect("raw");
                 BlockNode::new("raw", Arc::new(raw))
             }
@@ -493,12 +498,34 @@ fn conform(subject: Subject) {
 
 #[test]
 fn file_buffered() {
-    conform(Subject::File { direct: false });
+    conform(Subject::File {
+        direct: false,
+        threads: false,
+    });
 }
 
 #[test]
 fn file_direct() {
-    conform(Subject::File { direct: true });
+    conform(Subject::File {
+        direct: true,
+        threads: false,
+    });
+}
+
+#[test]
+fn file_buffered_thread_pool() {
+    conform(Subject::File {
+        direct: false,
+        threads: true,
+    });
+}
+
+#[test]
+fn file_direct_thread_pool() {
+    conform(Subject::File {
+        direct: true,
+        threads: true,
+    });
 }
 
 #[test]

@@ -159,7 +159,7 @@ pub(crate) fn schema(s: &mut Schema) {
     s.enumeration("BlockdevDriver", DRIVERS)
         .enumeration("BlockdevDiscardOptions", &["ignore", "unmap"])
         .enumeration("BlockdevDetectZeroesOptions", &["off"])
-        .enumeration("BlockdevAioOptions", &["threads"])
+        .enumeration("BlockdevAioOptions", &["threads", "io_uring"])
         .enumeration("OnOffAuto", &["auto", "on", "off"])
         .object("BlockdevCacheOptions", &["*direct:bool", "*no-flush:bool"])
         .union(

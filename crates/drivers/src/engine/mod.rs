@@ -8,8 +8,10 @@
 //!
 //! Every job owns its file descriptor (`Arc<OwnedFd>`) and its buffers until the system call
 //! returns, so a caller that drops its future leaves nothing dangling: the worker finishes, the
-//! reply is discarded, the buffers are freed. [`IoEngine`] is the seam where an io_uring engine
-//! can be added and measured against [`ThreadPoolEngine`].
+//! reply is discarded, the buffers are freed. [`IoEngine`] has two implementations: the
+//! [`ThreadPoolEngine`] drawn above (QEMU's `aio=threads`) and the [`UringEngine`] (io_uring,
+//! the default; see its module), measured against each other in the README's Performance
+//! section.
 //!
 //! One shortcut ([`IoEngine::read_at_cached_first`]): a buffered read of up to 1 MiB first asks
 //! the page cache on the caller's thread (`preadv2` with `RWF_NOWAIT`, which does not wait for
@@ -106,6 +108,9 @@ pub trait IoEngine: Send + Sync + fmt::Debug {
     /// `ftruncate(2)`.
     async fn truncate(&self, fd: &SharedFd, len: u64) -> io::Result<()>;
 }
+
+mod uring;
+pub use uring::UringEngine;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -683,6 +688,12 @@ impl AlignedBuf {
     fn as_slice(&self) -> &[u8] {
         // SAFETY: as above, shared borrow.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
     }
 }
 
