@@ -449,14 +449,18 @@ impl BlockCopy {
         }
     }
 
-    /// Claims the next dirty area at or after `from` (at most one chunk) and copies it in a
-    /// task of its own. Returns the end of the area and the task, whose result says whether
-    /// the area reached the target; `None` when nothing is dirty from `from` on.
-    pub fn copy_next(self: &Arc<Self>, from: u64) -> Option<(u64, u64, CopyTask)> {
+    /// Claims the next dirty area at or after `from` (at most one chunk, and at most `limit`
+    /// bytes rounded up to a cluster when `limit` is not 0) and copies it in a task of its
+    /// own. Returns the start and end of the area and the task, whose result says whether the
+    /// area reached the target; `None` when nothing is dirty from `from` on.
+    pub fn copy_next(self: &Arc<Self>, from: u64, limit: u64) -> Option<(u64, u64, CopyTask)> {
         let from = align_down(from, self.cluster);
         let (id, s, e) = {
             let mut st = lock(&self.state);
-            let chunk = self.chunk;
+            let chunk = match limit {
+                0 => self.chunk,
+                l => self.chunk.min(l.div_ceil(self.cluster) * self.cluster),
+            };
             let area = self
                 .bitmap
                 .with(|b| b.next_dirty_area(from, self.len, chunk))??;

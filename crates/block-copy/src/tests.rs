@@ -103,7 +103,7 @@ async fn background(bcs: &Arc<BlockCopy>, workers: usize) {
     let mut cursor = 0;
     loop {
         while set.len() < workers {
-            match bcs.copy_next(cursor) {
+            match bcs.copy_next(cursor, 0) {
                 Some((_, end, task)) => {
                     cursor = end;
                     set.spawn(task);

@@ -213,3 +213,16 @@ fn a_throttled_copy_keeps_only_the_chunks_its_speed_needs_in_flight() {
     assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 14);
     assert_eq!(pace.workers(64 << 20, 1 << 20, 8), 8);
 }
+
+#[test]
+fn a_throttled_copy_takes_chunks_sized_to_its_speed() {
+    // Unlimited: the copy's own chunk.
+    assert_eq!(Pace::chunk_limit(0), 0);
+    // 256 chunks a second: 64 MiB/s in 256 KiB chunks, 1 GiB/s in 4 MiB (capped by the copy).
+    assert_eq!(Pace::chunk_limit(64 << 20), 256 << 10);
+    assert_eq!(Pace::chunk_limit(1 << 30), 4 << 20);
+    // Never below 64 KiB: slower than 16 MiB/s, whole chunks, as QEMU.
+    assert_eq!(Pace::chunk_limit(16 << 20), 64 << 10);
+    assert_eq!(Pace::chunk_limit((16 << 20) - 1), 0);
+    assert_eq!(Pace::chunk_limit(1), 0);
+}
