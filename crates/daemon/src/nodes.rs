@@ -159,6 +159,47 @@ impl Nodes {
         }
     }
 
+    /// A hook that takes `names` out of the registry before the next command (nodes a job
+    /// opened for itself and has closed).
+    pub fn releaser(&self, names: Vec<String>) -> impl FnOnce() + Send + 'static {
+        let released = self.released.clone();
+        move || {
+            released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(names)
+        }
+    }
+
+    /// Opens a node tree for a job (`drive-backup`'s target), named automatically unless
+    /// `opts` names it and not owned by the monitor. Returns the nodes opened, parents last;
+    /// on failure, what was opened is closed again.
+    pub async fn open_for_job(&mut self, opts: &BlockdevOptions) -> QmpResult<Vec<Arc<BlockNode>>> {
+        let mut opening = Opening::default();
+        match self
+            .open(opts, Inherited::default(), &mut opening, false)
+            .await
+        {
+            Ok(_) => Ok(opening
+                .created
+                .iter()
+                .filter_map(|n| self.entries.get(n).map(|e| e.node.clone()))
+                .collect()),
+            Err(e) => {
+                for name in opening.created.iter().rev() {
+                    self.close_and_remove(name).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes a node a job had opened (and its children nobody else uses) when the job could
+    /// not be created.
+    pub async fn close_job_node(&mut self, name: &str) {
+        self.close_and_remove(name).await;
+    }
+
     /// Drops the nodes jobs have let go of.
     pub fn prune(&mut self) {
         let names: Vec<String> =
@@ -817,7 +858,7 @@ fn inject_rule(m: &InjectRule) -> InjectError {
 }
 
 /// The format of a backing file named without one: qcow2 by its magic, else raw.
-async fn probe(path: &Path) -> QmpResult<String> {
+pub(crate) async fn probe(path: &Path) -> QmpResult<String> {
     let file = FileDriver::open(FileOptions {
         read_only: true,
         ..FileOptions::new(path)

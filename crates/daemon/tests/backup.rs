@@ -1005,3 +1005,142 @@ fn on_cbw_error_breaks_the_guest_write_or_the_snapshot() {
         "the guest write goes on and the snapshot breaks"
     );
 }
+
+fn run_drive(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(&["create", "-f", "raw", "base.raw", "16M"], dir.path());
+    qemu_io(
+        &["-f", "raw", "-c", "write -P 0x33 0 2M", "base.raw"],
+        dir.path(),
+    );
+    common::qemu_img(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "over.qcow2",
+            "16M",
+        ],
+        dir.path(),
+    );
+    qemu_io(
+        &["-f", "qcow2", "-c", "write -P 0x44 1M 1M", "over.qcow2"],
+        dir.path(),
+    );
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "over",
+               "file": {"driver": "file", "filename": "over.qcow2"}}),
+        None,
+    );
+    let b = |id: &str, device: &str, target: &str, sync: &str| json!({"job-id": id, "device": device, "target": target, "sync": sync});
+    // Refusals, in QEMU's order.
+    let mut refused = |args: Value| step(&mut c, o, "drive-backup", args, None);
+    refused(b("r0", "nope", "x.qcow2", "full"));
+    let mut missing = b("r1", "src", "missing.qcow2", "full");
+    missing["mode"] = json!("existing");
+    refused(missing);
+    let mut unknown = b("r2", "src", "u.img", "full");
+    unknown["format"] = json!("vmdk9");
+    refused(unknown);
+    refused(b("r3", "src", "nb.qcow2", "incremental"));
+    // A full backup into a new qcow2 (the source's format), a raw one, sync=top of an
+    // overlay (backed by its backing file) and sync=none (backed by the source).
+    step(
+        &mut c,
+        o,
+        "drive-backup",
+        b("j0", "src", "full.qcow2", "full"),
+        Some("j0"),
+    );
+    let mut raw = b("j1", "src", "full.raw", "full");
+    raw["format"] = json!("raw");
+    step(&mut c, o, "drive-backup", raw, Some("j1"));
+    step(
+        &mut c,
+        o,
+        "drive-backup",
+        b("j2", "over", "top.qcow2", "top"),
+        Some("j2"),
+    );
+    // sync=top of a node without a backing image copies everything.
+    step(
+        &mut c,
+        o,
+        "drive-backup",
+        b("j3", "src", "top-full.qcow2", "top"),
+        Some("j3"),
+    );
+    let mut none = b("j4", "src", "none.qcow2", "none");
+    none["speed"] = json!(1);
+    step(&mut c, o, "drive-backup", none, None);
+    step(&mut c, o, "query-jobs", json!({}), None);
+    step(&mut c, o, "job-cancel", json!({"id": "j4"}), Some("j4"));
+    // Into an existing image, and as a transaction action.
+    let mut again = b("j5", "src", "full.qcow2", "full");
+    again["mode"] = json!("existing");
+    step(
+        &mut c,
+        o,
+        "transaction",
+        json!({"actions": [{"type": "drive-backup", "data": again}]}),
+        Some("j5"),
+    );
+    step(&mut c, o, "query-jobs", json!({}), None);
+    let dir = quit(&mut c, d);
+    (out, dir)
+}
+
+#[test]
+fn drive_backup_is_qemu_storage_daemons() {
+    let (ours, dir) = run_drive(&common::blockjobd());
+    let (theirs, qdir) = run_drive(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    for d in [dir.path(), qdir.path()] {
+        assert_identical(d, &["a.qcow2", "full.qcow2"], "full.qcow2");
+        assert_identical(d, &["-F", "raw", "a.qcow2", "full.raw"], "full.raw");
+        assert_identical(d, &["over.qcow2", "top.qcow2"], "top.qcow2");
+        assert_identical(d, &["a.qcow2", "top-full.qcow2"], "top-full.qcow2");
+        assert!(!d.join("u.img").exists() && !d.join("missing.qcow2").exists());
+    }
+    // What the created images are, as qemu-img sees them (the directories differ).
+    let info = |d: &Path, f: &str| {
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json", f])
+            .current_dir(d)
+            .output()
+            .expect("qemu-img info");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("info json");
+        let base = v["backing-filename"]
+            .as_str()
+            .map(|b| b.replace(&d.display().to_string(), "DIR"));
+        json!([
+            v["format"],
+            v["virtual-size"],
+            v["cluster-size"],
+            base,
+            v["backing-filename-format"]
+        ])
+    };
+    for f in [
+        "full.qcow2",
+        "full.raw",
+        "top.qcow2",
+        "top-full.qcow2",
+        "none.qcow2",
+    ] {
+        assert_eq!(info(dir.path(), f), info(qdir.path(), f), "{f}");
+    }
+}

@@ -574,6 +574,17 @@ impl BlockDriver for FileDriver {
         self.sync().await
     }
 
+    /// Flushes and lets go of the image locks at once: a node closed while something still
+    /// holds it (a finished job's record) must not keep other processes off the image.
+    async fn close(&self) -> Result<()> {
+        let flushed = self.flush().await;
+        if let Some(locks) = &self.locks {
+            let mut st = locks.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = st.apply(self.fd.as_raw_fd(), Perm::NONE, Perm::NONE, true);
+        }
+        flushed
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         if !self.seekable_holes {
             return Ok(BlockStatus::data(len, Some(offset)));

@@ -18,7 +18,7 @@ use super::decode;
 use crate::control::Control;
 
 /// `x-perf`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct Perf {
     #[allow(dead_code)]
@@ -28,14 +28,15 @@ struct Perf {
     min_cluster_size: Option<u64>,
 }
 
-/// The arguments of `blockdev-backup` (QEMU's BlockdevBackup).
+/// The arguments of `blockdev-backup` (QEMU's BlockdevBackup); `drive-backup` has the same
+/// with `target` a file name.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-struct BackupArgs {
+pub(crate) struct BackupArgs {
     job_id: Option<String>,
-    device: String,
-    target: String,
-    sync: String,
+    pub(crate) device: String,
+    pub(crate) target: String,
+    pub(crate) sync: String,
     speed: Option<i64>,
     bitmap: Option<String>,
     bitmap_mode: Option<String>,
@@ -85,7 +86,7 @@ fn generic(msg: impl Into<String>) -> QmpError {
     QmpError::generic(msg)
 }
 
-fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
+pub(crate) fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
     ctl.nodes
         .entry(name)
         .map(|e| e.node.clone())
@@ -97,7 +98,7 @@ fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
 }
 
 /// The kind of job holding `node`, if one does (QEMU's op blockers).
-fn job_using(node: &BlockNode) -> Option<&'static str> {
+pub(crate) fn job_using(node: &BlockNode) -> Option<&'static str> {
     node.parents().iter().find_map(|c| match c.parent() {
         Parent::Job { kind, .. } => Some(kind),
         _ => None,
@@ -123,6 +124,20 @@ pub async fn prepare(
     let args: BackupArgs = decode(data)?;
     let source = find(ctl, &args.device)?;
     let target = find(ctl, &args.target)?;
+    prepare_nodes(ctl, &args, source, target, txn, Vec::new()).await
+}
+
+/// The part of a backup action after its nodes are found (`drive-backup` opens its target
+/// first): `owned` are nodes the action opened for the job (parents last), closed and
+/// released when the job cleans up.
+pub(crate) async fn prepare_nodes(
+    ctl: &mut Control,
+    args: &BackupArgs,
+    source: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    txn: Option<TxnId>,
+    owned: Vec<Arc<BlockNode>>,
+) -> QmpResult<Prepared> {
     let mut sync = args.sync.as_str();
     if matches!(sync, "bitmap" | "incremental") && args.bitmap.is_none() {
         return Err(generic(format!(
@@ -187,7 +202,7 @@ pub async fn prepare(
             )));
         }
     }
-    let perf = args.x_perf.unwrap_or_default();
+    let perf = args.x_perf.clone().unwrap_or_default();
     let max_workers = perf.max_workers.unwrap_or(64);
     if !(1..=i64::from(i32::MAX)).contains(&max_workers) {
         return Err(generic("max-workers must be between 1 and 2147483647"));
@@ -254,9 +269,27 @@ pub async fn prepare(
         .entry(source.name())
         .map(|e| e.filename.clone())
         .unwrap_or_default();
-    if let Some(filter) = backup.filter() {
-        let release = ctl.nodes.add_job_node(filter, filename);
-        backup.on_clean(release);
+    let release_owned = ctl
+        .nodes
+        .releaser(owned.iter().map(|n| n.name().to_owned()).collect());
+    if !owned.is_empty() {
+        backup.on_clean_async(async move {
+            for node in owned.iter().rev() {
+                if let Err(e) = node.close().await {
+                    tracing::error!(target: "blockjobd", "closing node '{}': {e}", node.name());
+                }
+            }
+        });
+    }
+    match backup.filter() {
+        Some(filter) => {
+            let release = ctl.nodes.add_job_node(filter, filename);
+            backup.on_clean(move || {
+                release();
+                release_owned();
+            });
+        }
+        None => backup.on_clean(release_owned),
     }
     let opts = JobOptions {
         block: true,

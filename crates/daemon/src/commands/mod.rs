@@ -6,6 +6,7 @@ mod backup;
 mod bitmap;
 pub mod blockdev_add;
 mod blockdev_del;
+mod drive_backup;
 mod export;
 mod job;
 mod query;
@@ -31,6 +32,7 @@ pub(crate) fn schema(s: &mut qmp::Schema) {
     transaction::schema(s);
     job::schema(s);
     backup::schema(s);
+    drive_backup::schema(s);
 }
 
 /// A command's arguments as its typed struct. They passed the schema check already, so the
@@ -69,9 +71,9 @@ pub async fn execute(
         | "block-dirty-bitmap-merge" => bitmap::run(ctl, command, &arguments).await,
         "x-debug-block-dirty-bitmap-sha256" => bitmap::sha256(ctl, &arguments),
         "transaction" => transaction::run(ctl, &arguments).await,
-        "blockdev-backup" => {
+        "blockdev-backup" | "drive-backup" => {
             let args = arguments;
-            transaction::apply(ctl, &[("blockdev-backup", &args)], false).await
+            transaction::apply(ctl, &[(command, &args)], false).await
         }
         "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
         | "job-dismiss" => job::job_verb(ctl, command, &arguments).await,

@@ -20,9 +20,9 @@ use qmp::{QmpError, QmpResult, Schema};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::backup;
 use super::bitmap::{self, Undo};
 use super::decode;
+use super::{backup, drive_backup};
 use crate::control::Control;
 
 /// A prepared action, to commit or abort.
@@ -48,13 +48,15 @@ fn prepare_bitmap(ctl: &Control, kind: &str, data: &Map<String, Value>) -> QmpRe
 }
 
 fn starts_job(kind: &str) -> bool {
-    kind == "blockdev-backup"
+    matches!(kind, "blockdev-backup" | "drive-backup")
 }
 
 /// The nodes an action names (those that exist: a wrong name fails in prepare).
 fn nodes_named(ctl: &Control, kind: &str, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> {
-    if starts_job(kind) {
-        return backup::nodes_named(ctl, data);
+    match kind {
+        "blockdev-backup" => return backup::nodes_named(ctl, data),
+        "drive-backup" => return drive_backup::nodes_named(ctl, data),
+        _ => {}
     }
     let mut names: Vec<&str> = data
         .get("node")
@@ -108,7 +110,11 @@ pub async fn apply(
     let mut prepared = Vec::new();
     let mut failure = None;
     for (kind, data) in actions {
-        let p = if starts_job(kind) {
+        let p = if *kind == "drive-backup" {
+            drive_backup::prepare(ctl, data, txn)
+                .await
+                .map(Prepared::Backup)
+        } else if starts_job(kind) {
             backup::prepare(ctl, data, txn).await.map(Prepared::Backup)
         } else {
             prepare_bitmap(ctl, kind, data).map(Prepared::Bitmap)
@@ -195,11 +201,13 @@ pub(crate) fn schema(s: &mut Schema) {
             "block-dirty-bitmap-enable",
             "block-dirty-bitmap-disable",
             "block-dirty-bitmap-merge",
+            "drive-backup",
         ],
     )
     .object("Abort", &[])
     .object("AbortWrapper", &["data:Abort"])
     .object("BlockdevBackupWrapper", &["data:BlockdevBackup"])
+    .object("DriveBackupWrapper", &["data:DriveBackup"])
     .object("BlockDirtyBitmapAddWrapper", &["data:BlockDirtyBitmapAdd"])
     .object("BlockDirtyBitmapWrapper", &["data:BlockDirtyBitmap"])
     .object(
@@ -219,6 +227,7 @@ pub(crate) fn schema(s: &mut Schema) {
             ("block-dirty-bitmap-enable", "BlockDirtyBitmapWrapper"),
             ("block-dirty-bitmap-disable", "BlockDirtyBitmapWrapper"),
             ("block-dirty-bitmap-merge", "BlockDirtyBitmapMergeWrapper"),
+            ("drive-backup", "DriveBackupWrapper"),
         ],
     )
     .enumeration("ActionCompletionMode", &["individual", "grouped"])
