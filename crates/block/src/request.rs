@@ -107,7 +107,7 @@ impl BlockNode {
 
     pub(crate) async fn read_entered(&self, offset: u64, len: usize) -> Result<Bytes> {
         Ok(self
-            .read_into_entered(offset, BytesMut::zeroed(len))
+            .read_into_entered(offset, crate::buf::zeroed_for_io(len))
             .await?
             .freeze())
     }
@@ -128,7 +128,7 @@ impl BlockNode {
             return self.read_chunks(offset, buf).await;
         }
         let padded = self
-            .read_chunks(start, BytesMut::zeroed((end - start) as usize))
+            .read_chunks(start, crate::buf::zeroed_for_io((end - start) as usize))
             .await?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&padded[skip..skip + len as usize]);
@@ -324,7 +324,7 @@ impl BlockNode {
             .await;
         let mut padded = self
             .driver
-            .read(start, BytesMut::zeroed((end - start) as usize))
+            .read(start, crate::buf::zeroed_for_io((end - start) as usize))
             .await?;
         let skip = (offset - start) as usize;
         padded[skip..skip + len as usize].copy_from_slice(&data.to_bytes());
