@@ -199,16 +199,15 @@ async fn a_drained_source_pauses_the_job_without_events() {
 #[test]
 fn a_throttled_copy_keeps_only_the_chunks_its_speed_needs_in_flight() {
     let mut pace = Pace::default();
-    // Unlimited: QEMU's max-workers.
-    assert_eq!(pace.workers(0, 1 << 20, 64), 64);
+    let now = std::time::Instant::now();
     // Before any chunk finished: one, and the next.
     assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 1);
     // 64 chunks a second that take 10 ms each: one in flight on average, plus one.
-    pace.record(Duration::from_millis(10));
+    pace.record(Duration::from_millis(10), 1 << 20, now, 64);
     assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 2);
     // Slow chunks need more to hold the speed, up to max-workers.
     for _ in 0..50 {
-        pace.record(Duration::from_millis(200));
+        pace.record(Duration::from_millis(200), 1 << 20, now, 64);
     }
     assert_eq!(pace.workers(64 << 20, 1 << 20, 64), 14);
     assert_eq!(pace.workers(64 << 20, 1 << 20, 8), 8);
@@ -225,4 +224,44 @@ fn a_throttled_copy_takes_chunks_sized_to_its_speed() {
     assert_eq!(Pace::chunk_limit(16 << 20), 64 << 10);
     assert_eq!(Pace::chunk_limit((16 << 20) - 1), 0);
     assert_eq!(Pace::chunk_limit(1), 0);
+}
+
+#[test]
+fn an_unthrottled_copy_keeps_as_many_chunks_in_flight_as_make_it_faster() {
+    // A disk whose throughput grows up to 16 chunks in flight and drops beyond.
+    let disk = |n: usize| -> f64 {
+        let n = n as f64;
+        if n <= 16.0 {
+            100.0 * n
+        } else {
+            1600.0 - 10.0 * (n - 16.0)
+        }
+    };
+    let mut pace = Pace::default();
+    let mut now = std::time::Instant::now();
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let workers = pace.workers(0, 1 << 20, 64);
+        seen.push(workers);
+        // One window at this many workers.
+        now += ADAPT_WINDOW;
+        let bytes = (disk(workers) * ADAPT_WINDOW.as_secs_f64()) as u64;
+        pace.record(Duration::from_millis(10), bytes, now, 64);
+    }
+    assert_eq!(&seen[..5], &[4, 8, 16, 32, 16], "{seen:?}");
+    // Settled on 16, it probes 32 now and then and comes back.
+    assert!(seen[5..].iter().all(|&w| w == 16 || w == 32), "{seen:?}");
+    assert!(
+        seen[5..].iter().filter(|&&w| w == 16).count() > 30,
+        "{seen:?}"
+    );
+    // Never above max-workers.
+    let mut pace = Pace::default();
+    for _ in 0..10 {
+        now += ADAPT_WINDOW;
+        let w = pace.workers(0, 1 << 20, 6);
+        assert!(w <= 6);
+        pace.record(Duration::from_millis(10), (disk(w) * 0.25) as u64, now, 6);
+    }
+    assert_eq!(pace.workers(0, 1 << 20, 6), 6);
 }
