@@ -10,12 +10,14 @@ use bytes::{Buf, Bytes, BytesMut};
 /// What O_DIRECT asks of memory at most (a page).
 const IO_ALIGN: usize = 4096;
 /// Buffers from this size on start on an [`IO_ALIGN`] boundary (see [`zeroed_for_io`]).
-const ALIGNED_MIN: usize = 64 << 10;
+const ALIGNED_MIN: usize = 4096;
 
-/// A zeroed buffer of `len` bytes for a read. From 64 KiB on, its start is aligned to 4 KiB
-/// (at most 4 KiB more memory), so that an O_DIRECT read fills it in place and the same bytes
-/// can be written to an O_DIRECT target: without that the I/O engine bounces each through an
-/// aligned copy, and a backup held three buffers per chunk in flight instead of one.
+/// A zeroed buffer of `len` bytes for I/O (a read, an NBD write's payload). From 4 KiB on, its
+/// start is aligned to 4 KiB (at most 4 KiB more memory), so that an O_DIRECT read fills it in
+/// place and the same bytes can be written to an O_DIRECT file: without that the I/O engine
+/// bounces each through an aligned copy. A backup held three buffers per chunk in flight
+/// instead of one (peak RSS at max-workers 16: 53 -> 35 MiB), and 16 NBD clients with 8
+/// requests of 4-128 KiB each peaked at 31 MB instead of 22 (qsd: 14).
 pub fn zeroed_for_io(len: usize) -> BytesMut {
     if len < ALIGNED_MIN {
         return BytesMut::zeroed(len);

@@ -272,6 +272,7 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
         }
     }
     ready();
+    tokio::spawn(give_back_memory_when_idle());
     let schema = started.control.schema.clone();
     let (handle, control_task): (ControlHandle, _) = started.control.spawn();
     let hub = MonitorHub {
@@ -320,3 +321,33 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> i32 {
     cleanup(&started.sockets, config.pidfile.as_ref());
     status
 }
+
+/// Once I/O has stopped for a second after a burst, hands the memory the allocator kept from
+/// it back to the system (`malloc_trim`): request buffers are freed when their requests end,
+/// but glibc keeps freed memory in its per-thread arenas, so after 16 NBD clients with 8
+/// requests each the daemon stayed at its peak. Only when idle, so that no request waits
+/// behind the arenas' locks.
+async fn give_back_memory_when_idle() {
+    let mut seen = drivers::engine::activity();
+    let mut trimmed = seen;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = drivers::engine::activity();
+        if now == seen && now != trimmed {
+            trim_heap();
+            trimmed = now;
+        }
+        seen = now;
+    }
+}
+
+#[cfg(target_env = "gnu")]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers; it only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim_heap() {}

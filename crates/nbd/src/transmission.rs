@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use block::{BlockError, ErrorKind, IoVec, WriteFlags, ZeroFlags};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -79,19 +79,9 @@ where
         let mut payload = None;
         if req.has_payload() {
             if req.len <= proto::MAX_PAYLOAD {
-                let mut buf = BytesMut::with_capacity(req.len as usize);
-                let mut take = (&mut rd).take(u64::from(req.len));
-                let mut ok = true;
-                while buf.len() < req.len as usize {
-                    match take.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            ok = false;
-                            break;
-                        }
-                        Ok(_) => {}
-                    }
-                }
-                if !ok {
+                // Page-aligned when large, so an O_DIRECT write takes it as it is.
+                let mut buf = block::buf::zeroed_for_io(req.len as usize);
+                if rd.read_exact(&mut buf[..]).await.is_err() {
                     break;
                 }
                 payload = Some(buf.freeze());

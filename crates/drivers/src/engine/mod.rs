@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
@@ -111,6 +111,19 @@ pub trait IoEngine: Send + Sync + fmt::Debug {
 
 mod uring;
 pub use uring::UringEngine;
+
+/// Requests either engine has been given, process-wide: the daemon gives memory back to the
+/// system once this stops moving (see `daemon::server`).
+static ACTIVITY: AtomicU64 = AtomicU64::new(0);
+
+/// How many requests the engines have been given so far.
+pub fn activity() -> u64 {
+    ACTIVITY.load(Ordering::Relaxed)
+}
+
+fn count_request() {
+    ACTIVITY.fetch_add(1, Ordering::Relaxed);
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -249,6 +262,7 @@ impl ThreadPoolEngine {
 
     /// Queues `job`, waking an idle worker or starting one when every worker is busy.
     fn submit(&self, job: Job) -> io::Result<()> {
+        count_request();
         let mut st = self.queue.lock();
         st.jobs.push_back(job);
         if st.idle > 0 {

@@ -161,6 +161,7 @@ impl Ring {
 
     /// Pushes `entry` and enters the kernel, `keep` held in a slot until it completes.
     fn submit(self: &Arc<Self>, entry: squeue::Entry, keep: Keep) -> io::Result<Op> {
+        super::count_request();
         let id = {
             let mut ops = self.ops();
             let slot = Slot::InFlight {
