@@ -190,8 +190,10 @@ def main():
         disk = os.path.join(d, "disk.raw")
         subprocess.run(["qemu-img", "create", "-f", "raw", disk, size], check=True,
                        capture_output=True)
-        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {size}", disk],
-                       check=True, capture_output=True)
+        fill = []
+        for off in range(0, a.size_mib, 256):
+            fill += ["-c", f"write -P 0x5a {off}M {min(256, a.size_mib - off)}M"]
+        subprocess.run(["qemu-io", "-f", "raw"] + fill + [disk], check=True, capture_output=True)
         for run in range(a.runs):
             order = servers if run % 2 == 0 else servers[::-1]
             for f in formats:
