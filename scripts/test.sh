@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests use when it is missing: qemu-utils
 # (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon: the reference for interop and
-# differential checks), libnbd (nbdinfo, nbdcopy, nbdsh) and PyPI's qemu.qmp (the Python QMP
-# client the daemon is tested with).
+# differential checks), libnbd (nbdinfo, nbdcopy, nbdsh), nbdkit (a slow NBD target) and
+# PyPI's qemu.qmp (the Python QMP client the daemon is tested with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,8 @@ command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
 [ -x /usr/bin/nbdsh ] || need+=(python3-libnbd)
+# nbdkit (memory plugin, delay filter): a slow backup target.
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update

@@ -1293,3 +1293,120 @@ fn bitmap_outcomes_on_cancel_failure_and_writes_during_the_job_are_qemu_storage_
     let (ok, text) = common::qemu_img_check(&dir.path().join("t4.qcow2"));
     assert!(ok, "{text}");
 }
+
+/// A slow backup target: nbdkit's memory plugin behind its delay filter, 50 ms a write.
+struct SlowTarget {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
+}
+
+impl SlowTarget {
+    const WRITE_DELAY_MS: u64 = 50;
+
+    fn start(dir: &Path) -> SlowTarget {
+        let sock = dir.join("slow.sock");
+        let child = Command::new("nbdkit")
+            .args(["--exit-with-parent", "-f", "-U"])
+            .arg(&sock)
+            .args(["--filter=delay", "memory", "16M"])
+            .arg(format!("delay-write={}ms", Self::WRITE_DELAY_MS))
+            .arg(format!("delay-zero={}ms", Self::WRITE_DELAY_MS))
+            .spawn()
+            .expect("nbdkit (apt-get install -y nbdkit)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "nbdkit did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SlowTarget { child, sock }
+    }
+
+    fn url(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for SlowTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a throttled backup of the disk into a slow target while the guest writes 16 clusters
+/// the copy has not reached; returns how long the guest's writes took, and checks that the
+/// target is the disk at the command and the disk has the guest's writes.
+fn guest_writes_during_a_slow_target_backup(program: &Path) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    save_before(dir.path());
+    let slow = SlowTarget::start(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        (
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "tgt",
+                   "server": {"type": "unix", "path": slow.sock.display().to_string()}}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 1 << 20}),
+        ),
+    ] {
+        let r = c.cmd(cmd, args);
+        assert_eq!(r, json!({"return": {}}), "{cmd}");
+    }
+    // 4 KiB into each of 16 clusters from 8 MiB on, which the copy has not reached.
+    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..16u64 {
+        args.push("-c".into());
+        args.push(format!("write -P 0x7e {} 4k", (8 << 20) + i * (256 << 10)));
+    }
+    args.push(url);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let began = Instant::now();
+    qemu_io(&refs, d.dir.path());
+    let guest = began.elapsed();
+    let r = c.cmd("block-job-set-speed", json!({"device": "j", "speed": 0}));
+    assert_eq!(r, json!({"return": {}}));
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_identical(
+        d.dir.path(),
+        &["-f", "raw", "-F", "raw", "before.raw", &slow.url()],
+        "the slow target differs from the disk at the command",
+    );
+    let dir = quit(&mut c, d);
+    qemu_io(
+        &["-f", "qcow2", "-c", "read -P 0x7e 8M 4k", "a.qcow2"],
+        dir.path(),
+    );
+    guest
+}
+
+#[test]
+fn a_slow_target_does_not_hold_up_the_guest_as_in_qemu_storage_daemon() {
+    let writes = 16 * Duration::from_millis(SlowTarget::WRITE_DELAY_MS);
+    let ours = guest_writes_during_a_slow_target_backup(&common::blockjobd());
+    let theirs = guest_writes_during_a_slow_target_backup(Path::new("qemu-storage-daemon"));
+    // QEMU holds each guest write until the old data is on the target: at least the delay.
+    assert!(theirs >= writes, "qsd: {theirs:?}");
+    // Here a guest write waits for the read of the old data only.
+    assert!(ours < writes / 2, "ours {ours:?}, qsd {theirs:?}");
+    eprintln!(
+        "16 guest writes during a backup into a 50 ms/write target: ours {ours:?}, qsd {theirs:?}"
+    );
+}
