@@ -12,6 +12,7 @@ the ratio of medians (> 1.0: blockjobd better) and the quartiles of the per-run 
 
 Usage: bench/backup.py [--runs N] [--seconds S] [--size-mib M] [--speed-mib B]
                        [--direct on|off] [--max-workers W] [--max-chunk-kib K]
+                       [--guest-latency-budget-us U]
 """
 import argparse
 import json
@@ -91,7 +92,7 @@ def fio(sock, seconds, size, rate, depth):
     return {"iops": w["iops"], "p50": pct["50.000000"] / 1000, "p99": pct["99.000000"] / 1000}
 
 
-def phase(q, sock, kind, a, size):
+def phase(q, sock, kind, a, size, ours):
     if kind != "idle":
         sync = "full" if kind == "backup" else "none"
         perf = {}
@@ -99,6 +100,8 @@ def phase(q, sock, kind, a, size):
             perf["max-workers"] = a.max_workers
         if a.max_chunk_kib:
             perf["max-chunk"] = a.max_chunk_kib << 10
+        if a.guest_latency_budget_us and ours:
+            perf["guest-latency-budget"] = a.guest_latency_budget_us
         args = {"job-id": "b", "device": "disk", "target": "tgt", "sync": sync,
                 "speed": a.speed_mib << 20}
         if perf:
@@ -126,6 +129,8 @@ def main():
     ap.add_argument("--direct", default="on", choices=["on", "off"])
     ap.add_argument("--max-workers", type=int, default=0, help="backup x-perf.max-workers")
     ap.add_argument("--max-chunk-kib", type=int, default=0, help="backup x-perf.max-chunk, KiB")
+    ap.add_argument("--guest-latency-budget-us", type=int, default=0,
+                    help="blockjobd's x-perf.guest-latency-budget, microseconds (qsd has none)")
     a = ap.parse_args()
     ours = os.path.join(ROOT, "target", "release", "blockjobd")
     for tool in ("fio", "qemu-storage-daemon", "qemu-img"):
@@ -139,8 +144,10 @@ def main():
         disk = os.path.join(d, "disk.raw")
         subprocess.run(["qemu-img", "create", "-f", "raw", disk, size], check=True,
                        capture_output=True)
-        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {size}", disk],
-                       check=True, capture_output=True)
+        fill = []
+        for off in range(0, a.size_mib, 256):
+            fill += ["-c", f"write -P 0x5a {off}M {min(256, a.size_mib - off)}M"]
+        subprocess.run(["qemu-io", "-f", "raw"] + fill + [disk], check=True, capture_output=True)
         subprocess.run(["qemu-img", "create", "-f", "raw", os.path.join(d, "target.raw"), size],
                        check=True, capture_output=True)
         for run in range(a.runs):
@@ -150,7 +157,7 @@ def main():
                 p, q, sock = start(program, d, a.direct == "on")
                 try:
                     for ph in phases:
-                        res[name][ph].append(phase(q, sock, ph, a, size))
+                        res[name][ph].append(phase(q, sock, ph, a, size, name == "blockjobd"))
                 finally:
                     p.terminate()
                     p.wait()

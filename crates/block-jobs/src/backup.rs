@@ -124,6 +124,10 @@ pub struct BackupSpec {
     pub discard_source: bool,
     /// What a failed copy of a guest write does (QEMU 10.1's `on-cbw-error`).
     pub on_cbw_error: filters::OnCbwError,
+    /// The most the guest's requests through the filter should take on average while the
+    /// background copy runs (ours, `x-perf.guest-latency-budget`): above it the copy keeps
+    /// fewer chunks in flight. `None`: no budget.
+    pub guest_latency_budget: Option<Duration>,
 }
 
 /// What the job holds in the graph until it is cleaned up; dropping it lets go of every
@@ -164,6 +168,14 @@ struct Pace {
     probing: bool,
     /// Windows since the limit settled.
     settled_for: u32,
+    /// The cap a guest-latency budget puts on the workers (halved when the guest's requests
+    /// took longer than the budget over a window, one more when they did not).
+    cap: usize,
+    /// When the guest's latency was last looked at.
+    looked: std::time::Instant,
+    /// Under a guest-latency budget that one chunk in flight still exceeds, the largest chunk
+    /// (halved each such window, down to [`THROTTLED_CHUNK_MIN`]; 0: no cap).
+    chunk_cap: u64,
 }
 
 /// See [`Pace`].
@@ -181,6 +193,9 @@ impl Default for Pace {
             window: (std::time::Instant::now(), 0),
             probing: true,
             settled_for: 0,
+            cap: usize::MAX,
+            looked: std::time::Instant::now(),
+            chunk_cap: 0,
         }
     }
 }
@@ -228,8 +243,44 @@ impl Pace {
         }
     }
 
+    /// The guest's mean latency over the last window against `budget` (see `cap` and
+    /// `chunk_cap`): over it, halve the chunks in flight, and once there is one, halve the
+    /// chunk; within it, grow the chunk back first, then add a chunk in flight.
+    fn guest(
+        &mut self,
+        latency: Option<Duration>,
+        budget: Duration,
+        max_workers: usize,
+        chunk: u64,
+    ) {
+        let current = self.cap.min(max_workers.max(1));
+        match latency {
+            Some(l) if l > budget => {
+                if current > 1 {
+                    self.cap = current / 2;
+                } else {
+                    let c = if self.chunk_cap == 0 {
+                        chunk
+                    } else {
+                        self.chunk_cap
+                    };
+                    self.cap = 1;
+                    self.chunk_cap = (c / 2).max(THROTTLED_CHUNK_MIN);
+                }
+            }
+            _ if self.chunk_cap != 0 => {
+                self.cap = current;
+                self.chunk_cap *= 2;
+                if self.chunk_cap >= chunk {
+                    self.chunk_cap = 0;
+                }
+            }
+            _ => self.cap = (current + 1).min(max_workers.max(1)),
+        }
+    }
+
     fn workers(&self, speed: u64, chunk: u64, max_workers: usize) -> usize {
-        let max = max_workers.max(1);
+        let max = max_workers.max(1).min(self.cap.max(1));
         if speed == 0 {
             return self.limit.clamp(1, max);
         }
@@ -566,9 +617,21 @@ impl Backup {
         let mut set = tokio::task::JoinSet::new();
         let mut cursor = 0;
         let mut pace = Pace::default();
+        let cbw = self.parts.lock().await.as_ref().map(|p| p.cbw.clone());
         loop {
+            if let (Some(budget), Some(cbw)) = (self.spec.guest_latency_budget, &cbw) {
+                let now = std::time::Instant::now();
+                if now.saturating_duration_since(pace.looked) >= ADAPT_WINDOW {
+                    pace.looked = now;
+                    let latency = cbw.take_guest_latency();
+                    pace.guest(latency, budget, self.spec.max_workers, bcs.chunk());
+                }
+            }
             let speed = ctx.speed();
-            let limit = Pace::chunk_limit(speed);
+            let limit = match (Pace::chunk_limit(speed), pace.chunk_cap) {
+                (0, c) | (c, 0) => c,
+                (a, b) => a.min(b),
+            };
             let chunk = match limit {
                 0 => bcs.chunk(),
                 l => bcs.chunk().min(l),

@@ -128,6 +128,32 @@ pub struct CopyBeforeWrite {
     attached: OnceLock<Attached>,
     snap: Mutex<SnapState>,
     snap_changed: Notify,
+    /// What the guest's requests through the filter have been taking (see
+    /// [`CopyBeforeWrite::take_guest_latency`]).
+    latency: LatencyMeter,
+}
+
+/// Sums of request times since the last look.
+#[derive(Debug, Default)]
+struct LatencyMeter {
+    total_us: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl LatencyMeter {
+    fn record(&self, since: std::time::Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.total_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn take(&self) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count = self.count.swap(0, Relaxed);
+        let total = self.total_us.swap(0, Relaxed);
+        (count > 0).then(|| Duration::from_micros(total / count))
+    }
 }
 
 fn eacces(what: &str) -> BlockError {
@@ -138,6 +164,12 @@ fn eacces(what: &str) -> BlockError {
 }
 
 impl CopyBeforeWrite {
+    /// The mean time the guest's reads and writes through the filter took since the last
+    /// call (copy-before-write waits included); `None` when there were none.
+    pub fn take_guest_latency(&self) -> Option<Duration> {
+        self.latency.take()
+    }
+
     /// Opens a copy-before-write node named `name` over `file` (the source) copying into
     /// `target`. The edges are attached already (their policies: copy source, copy target).
     pub fn open(
@@ -157,6 +189,7 @@ impl CopyBeforeWrite {
             attached: OnceLock::new(),
             snap: Mutex::new(SnapState::default()),
             snap_changed: Notify::new(),
+            latency: LatencyMeter::default(),
         });
         let node = BlockNode::new(name, driver.clone());
         let mut copy = CopyOptions::new(cluster);
@@ -410,12 +443,18 @@ impl BlockDriver for CopyBeforeWrite {
     }
 
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        self.file.read_into(offset, buf).await
+        let began = std::time::Instant::now();
+        let r = self.file.read_into(offset, buf).await;
+        self.latency.record(began);
+        r
     }
 
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        let began = std::time::Instant::now();
         self.before_write(offset, data.len() as u64).await?;
-        self.file.write(offset, data, flags).await
+        let r = self.file.write(offset, data, flags).await;
+        self.latency.record(began);
+        r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

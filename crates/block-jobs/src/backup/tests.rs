@@ -6,6 +6,7 @@ use std::sync::Mutex as StdMutex;
 
 fn spec(source: &Arc<BlockNode>, target: &Arc<BlockNode>, sync: SyncMode) -> BackupSpec {
     BackupSpec {
+        guest_latency_budget: None,
         job_id: "j".into(),
         source: source.clone(),
         target: target.clone(),
@@ -264,4 +265,39 @@ fn an_unthrottled_copy_keeps_as_many_chunks_in_flight_as_make_it_faster() {
         pace.record(Duration::from_millis(10), (disk(w) * 0.25) as u64, now, 6);
     }
     assert_eq!(pace.workers(0, 1 << 20, 6), 6);
+}
+
+#[test]
+fn a_guest_latency_budget_caps_the_chunks_in_flight() {
+    let mut pace = Pace::default();
+    let budget = Duration::from_millis(2);
+    assert_eq!(pace.workers(0, 1 << 20, 64), ADAPT_START);
+    // The guest waits too long: halve, down to one.
+    let slow = Some(Duration::from_millis(5));
+    for expect in [32, 16, 8, 4, 2, 1] {
+        pace.guest(slow, budget, 64, 1 << 20);
+        assert_eq!(pace.cap, expect);
+    }
+    assert_eq!(pace.workers(0, 1 << 20, 64), 1);
+    assert_eq!(
+        pace.workers(64 << 20, 1 << 20, 64),
+        1,
+        "throttled copies too"
+    );
+    // One chunk in flight is still too much: smaller chunks, down to 64 KiB.
+    for expect in [512 << 10, 256 << 10, 128 << 10, 64 << 10, 64 << 10] {
+        pace.guest(slow, budget, 64, 1 << 20);
+        assert_eq!((pace.cap, pace.chunk_cap), (1, expect));
+    }
+    // Within budget, or no guest I/O: the chunk grows back first, then one more in flight a
+    // window.
+    let fine = Some(Duration::from_millis(1));
+    for expect in [128 << 10, 256 << 10, 512 << 10, 0] {
+        pace.guest(fine, budget, 64, 1 << 20);
+        assert_eq!((pace.cap, pace.chunk_cap), (1, expect));
+    }
+    pace.guest(fine, budget, 64, 1 << 20);
+    pace.guest(None, budget, 64, 1 << 20);
+    assert_eq!(pace.cap, 3);
+    assert_eq!(pace.workers(0, 1 << 20, 64), 3);
 }

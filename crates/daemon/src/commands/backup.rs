@@ -26,6 +26,8 @@ struct Perf {
     max_workers: Option<i64>,
     max_chunk: Option<i64>,
     min_cluster_size: Option<u64>,
+    /// Ours: microseconds (see `BackupSpec::guest_latency_budget`).
+    guest_latency_budget: Option<i64>,
 }
 
 /// The arguments of `blockdev-backup` (QEMU's BlockdevBackup); `drive-backup` has the same
@@ -213,6 +215,11 @@ pub(crate) async fn prepare_nodes(
             "max-chunk must be zero (which means no limit) or positive",
         ));
     }
+    let budget = match perf.guest_latency_budget {
+        None => None,
+        Some(us) if us > 0 => Some(std::time::Duration::from_micros(us.unsigned_abs())),
+        Some(_) => return Err(generic("guest-latency-budget must be positive")),
+    };
     let filter_node_name = match &args.filter_node_name {
         Some(name) => {
             crate::nodes::check_node_name(name)
@@ -254,6 +261,7 @@ pub(crate) async fn prepare_nodes(
         max_chunk: u64::try_from(max_chunk).unwrap_or(0),
         min_cluster_size: perf.min_cluster_size.unwrap_or(0),
         discard_source: args.discard_source.unwrap_or(false),
+        guest_latency_budget: budget,
         on_cbw_error: match args.on_cbw_error.as_deref() {
             Some("break-snapshot") => filters::OnCbwError::BreakSnapshot,
             _ => filters::OnCbwError::BreakGuestWrite,
@@ -330,6 +338,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "*max-workers:int",
             "*max-chunk:int",
             "*min-cluster-size:size",
+            "*guest-latency-budget:int",
         ],
     )
     .object(
