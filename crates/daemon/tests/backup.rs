@@ -1225,7 +1225,7 @@ fn run_outcomes(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         ],
     );
     step(&mut c, o, "query-named-block-nodes", q.clone(), None);
-    let settle = || std::thread::sleep(Duration::from_millis(300));
+    let settle = || std::thread::sleep(Duration::from_millis(500));
     // Cancelled after its first chunk (the first dirty area): on-success keeps every bit…
     step(
         &mut c,
