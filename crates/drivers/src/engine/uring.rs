@@ -183,12 +183,24 @@ impl Ring {
             id
         };
         let entry = entry.user_data(id as u64);
-        let pushed = self.push(&entry);
-        if let Err(e) = pushed {
+        if let Err((e, queued)) = self.push(&entry) {
             let mut ops = self.ops();
-            ops.slots[id] = Slot::Free;
-            ops.free.push(id);
-            ops.in_flight -= 1;
+            if queued {
+                // The kernel may still take the entry with a later enter: its buffers stay
+                // until then, and the reaper frees the slot (or has finished it already).
+                match &mut ops.slots[id] {
+                    Slot::InFlight { abandoned, .. } => *abandoned = true,
+                    Slot::Done { .. } => {
+                        ops.slots[id] = Slot::Free;
+                        ops.free.push(id);
+                    }
+                    Slot::Free => {}
+                }
+            } else {
+                ops.slots[id] = Slot::Free;
+                ops.free.push(id);
+                ops.in_flight -= 1;
+            }
             return Err(e);
         }
         Ok(Op {
@@ -200,8 +212,9 @@ impl Ring {
 
     /// Puts `entry` on the submission queue and submits it. Once pushed, the entry belongs to
     /// the kernel even if entering fails (EBUSY while completions overflow): the next enter
-    /// takes it along, and the reaper enters again on every wake-up.
-    fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+    /// takes it along, and the reaper enters again on every wake-up. On failure, says whether
+    /// the entry is on the queue nonetheless.
+    fn push(&self, entry: &squeue::Entry) -> Result<(), (io::Error, bool)> {
         let _one = self.sq.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the submission queue is only written under the `sq` lock, held here.
         let mut sq = unsafe { self.uring.submission_shared() };
@@ -210,7 +223,7 @@ impl Ring {
         while unsafe { sq.push(entry) }.is_err() {
             sq.sync();
             drop(sq);
-            self.enter()?;
+            self.enter().map_err(|e| (e, false))?;
             // SAFETY: as above; the previous handle was dropped.
             sq = unsafe { self.uring.submission_shared() };
         }
@@ -219,7 +232,7 @@ impl Ring {
         match self.enter() {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err((e, true)),
         }
     }
 
@@ -245,8 +258,18 @@ impl Drop for Ring {
             if left == 0 {
                 return;
             }
-            if self.uring.submit_and_wait(1).is_err() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+                Err(_) => {
+                    // The ring is broken and will not say when the kernel is done: leak the
+                    // buffers rather than free memory it might still write.
+                    let slots = std::mem::take(&mut self.ops().slots);
+                    std::mem::forget(slots);
+                    return;
+                }
             }
         }
     }
