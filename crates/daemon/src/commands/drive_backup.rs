@@ -48,6 +48,15 @@ fn file_name(ctl: &Control, node: &BlockNode) -> String {
         .unwrap_or_default()
 }
 
+/// Prints a line on the daemon's standard output, as QEMU does when it creates an image; a
+/// closed or broken stdout is no error.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// Creates `path` as an empty image of `format` (`raw` or `qcow2`), as `qemu-img create`
 /// would, and prints QEMU's "Formatting" line.
 async fn create(
@@ -61,7 +70,7 @@ async fn create(
             if backing.is_some() {
                 return Err(generic("Backing file not supported for file format 'raw'"));
             }
-            println!("Formatting '{path}', fmt=raw size={size}");
+            say(&format!("Formatting '{path}', fmt=raw size={size}"));
             FileDriver::create(Path::new(path), size).map_err(|e| generic(error_text(&e)))
         }
         "qcow2" => {
@@ -71,7 +80,7 @@ async fn create(
             if let Some((file, fmt)) = &backing {
                 line.push_str(&format!(" backing_file={file} backing_fmt={fmt}"));
             }
-            println!("{line} lazy_refcounts=off refcount_bits=16");
+            say(&format!("{line} lazy_refcounts=off refcount_bits=16"));
             FileDriver::create(Path::new(path), 0).map_err(|e| generic(error_text(&e)))?;
             let file =
                 FileDriver::open(FileOptions::new(path)).map_err(|e| generic(error_text(&e)))?;
