@@ -382,6 +382,46 @@ fn qcow2(name: &str, file: &str) -> Value {
            "file": {"driver": "file", "filename": file}})
 }
 
+/// Adds `t2`, a qcow2 target whose every write fails with EIO, and exports `src` writable
+/// over NBD as the guest's disk.
+fn failing_target_and_export(c: &mut Client, o: &mut Vec<String>) {
+    step(
+        c,
+        o,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t2",
+               "file": {"driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
+                        "image": {"driver": "file", "filename": "t2.qcow2"}}}),
+        None,
+    );
+    step(
+        c,
+        o,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+        None,
+    );
+    step(
+        c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+        None,
+    );
+}
+
+/// The guest runs qemu-io `cmds` on the exported disk.
+fn guest_write(d: &Daemon, cmds: &[&str]) {
+    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(&url);
+    qemu_io(&args, d.dir.path());
+}
+
 fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
@@ -406,29 +446,7 @@ fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
             None,
         );
     }
-    step(
-        &mut c,
-        o,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "t2",
-               "file": {"driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
-                        "image": {"driver": "file", "filename": "t2.qcow2"}}}),
-        None,
-    );
-    step(
-        &mut c,
-        o,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
-        None,
-    );
-    step(
-        &mut c,
-        o,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
-        None,
-    );
+    failing_target_and_export(&mut c, o);
     // A full backup and a new bitmap share one point in time.
     step(
         &mut c,
@@ -440,17 +458,7 @@ fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         ]}),
         Some("full"),
     );
-    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
-    let write = |d: &Daemon, cmds: &[&str]| {
-        let mut args = vec!["-f", "raw"];
-        for c in cmds {
-            args.push("-c");
-            args.push(c);
-        }
-        args.push(&url);
-        qemu_io(&args, d.dir.path());
-    };
-    write(&d, &["write -P 0x33 1M 128k", "write -P 0x44 10M 64k"]);
+    guest_write(&d, &["write -P 0x33 1M 128k", "write -P 0x44 10M 64k"]);
     step(&mut c, o, "query-named-block-nodes", q.clone(), None);
     step(
         &mut c,
@@ -460,7 +468,7 @@ fn run_chain(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         Some("inc1"),
     );
     step(&mut c, o, "query-named-block-nodes", q.clone(), None);
-    write(&d, &["write -P 0x55 3M 64k"]);
+    guest_write(&d, &["write -P 0x55 3M 64k"]);
     // A failing target: on-success keeps the bits.
     step(
         &mut c,
@@ -1176,29 +1184,7 @@ fn run_outcomes(program: &Path) -> (Vec<String>, tempfile::TempDir) {
             None,
         );
     }
-    step(
-        &mut c,
-        o,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "t2",
-               "file": {"driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
-                        "image": {"driver": "file", "filename": "t2.qcow2"}}}),
-        None,
-    );
-    step(
-        &mut c,
-        o,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
-        None,
-    );
-    step(
-        &mut c,
-        o,
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
-        None,
-    );
+    failing_target_and_export(&mut c, o);
     step(
         &mut c,
         o,
@@ -1206,17 +1192,7 @@ fn run_outcomes(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         json!({"node": "src", "name": "b0"}),
         None,
     );
-    let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
-    let write = |d: &Daemon, cmds: &[&str]| {
-        let mut args = vec!["-f", "raw"];
-        for c in cmds {
-            args.push("-c");
-            args.push(c);
-        }
-        args.push(&url);
-        qemu_io(&args, d.dir.path());
-    };
-    write(
+    guest_write(
         &d,
         &[
             "write -P 0x61 0 128k",
@@ -1270,7 +1246,7 @@ fn run_outcomes(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         None,
     );
     settle();
-    write(&d, &["write -P 0x64 7M 64k"]);
+    guest_write(&d, &["write -P 0x64 7M 64k"]);
     step(&mut c, o, "query-named-block-nodes", q.clone(), None);
     step(
         &mut c,

@@ -99,12 +99,19 @@ pub(crate) fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
         })
 }
 
-/// The kind of job holding `node`, if one does (QEMU's op blockers).
-pub(crate) fn job_using(node: &BlockNode) -> Option<&'static str> {
-    node.parents().iter().find_map(|c| match c.parent() {
+/// QEMU's op blocker: refuses a node a job holds.
+pub(crate) fn refuse_busy(node: &BlockNode) -> QmpResult<()> {
+    let kind = node.parents().iter().find_map(|c| match c.parent() {
         Parent::Job { kind, .. } => Some(kind),
         _ => None,
-    })
+    });
+    match kind {
+        Some(kind) => Err(generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {kind}",
+            node.name()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The nodes a backup action names, for the transaction's drained section.
@@ -197,12 +204,7 @@ pub(crate) async fn prepare_nodes(
         return Err(generic("Compression is not supported for this drive "));
     }
     for node in [&source, &target] {
-        if let Some(kind) = job_using(node) {
-            return Err(generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {kind}",
-                node.name()
-            )));
-        }
+        refuse_busy(node)?;
     }
     let perf = args.x_perf.clone().unwrap_or_default();
     let max_workers = perf.max_workers.unwrap_or(64);
@@ -344,23 +346,31 @@ pub(crate) fn schema(s: &mut Schema) {
     .object(
         "BlockdevBackup",
         &[
-            "*job-id:str",
-            "device:str",
-            "target:str",
-            "sync:MirrorSyncMode",
-            "*speed:int",
-            "*bitmap:str",
-            "*bitmap-mode:BitmapSyncMode",
-            "*compress:bool",
-            "*on-source-error:BlockdevOnError",
-            "*on-target-error:BlockdevOnError",
-            "*auto-finalize:bool",
-            "*auto-dismiss:bool",
-            "*filter-node-name:str",
-            "*discard-source:bool",
-            "*on-cbw-error:OnCbwError",
-            "*x-perf:BackupPerf",
-        ],
+            &[
+                "*job-id:str",
+                "device:str",
+                "target:str",
+                "sync:MirrorSyncMode",
+            ],
+            AFTER_SYNC,
+        ]
+        .concat(),
     );
     s.command("blockdev-backup", Some("BlockdevBackup"), None, &[]);
 }
+
+/// The members every backup command has after `sync` (QEMU's BackupCommon), in order.
+pub(crate) const AFTER_SYNC: &[&str] = &[
+    "*speed:int",
+    "*bitmap:str",
+    "*bitmap-mode:BitmapSyncMode",
+    "*compress:bool",
+    "*on-source-error:BlockdevOnError",
+    "*on-target-error:BlockdevOnError",
+    "*auto-finalize:bool",
+    "*auto-dismiss:bool",
+    "*filter-node-name:str",
+    "*discard-source:bool",
+    "*on-cbw-error:OnCbwError",
+    "*x-perf:BackupPerf",
+];

@@ -117,28 +117,16 @@ pub async fn prepare(
         .format
         .clone()
         .or_else(|| (!existing).then(|| source.driver_name().to_owned()));
-    if let Some(kind) = backup::job_using(&source) {
-        return Err(generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {kind}",
-            source.name()
-        )));
-    }
+    backup::refuse_busy(&source)?;
     // What the new image is backed by.
-    let mut backing_node = None;
     let mut backing = None;
     if args.sync == "top" {
-        let below = source
-            .children()
-            .into_iter()
-            .find(|c| c.role() == ChildRole::Backing)
-            .map(|c| c.node());
-        match below {
+        match source.child(ChildRole::Backing).map(|c| c.node()) {
             Some(b) => backing = Some(b),
             None => args.sync = "full".into(),
         }
     } else if args.sync == "none" {
         backing = Some(source.clone());
-        backing_node = Some(source.clone());
     }
     let size = source.len();
     if !existing {
@@ -172,8 +160,9 @@ pub async fn prepare(
         "cache": {"direct": cache.direct, "no-flush": cache.no_flush},
         "file": {"driver": "file", "filename": args.target},
     });
-    if let Some(b) = &backing_node {
-        opts["backing"] = json!(b.name());
+    if args.sync == "none" {
+        // The target's backing is the source node itself, not a second opening of its file.
+        opts["backing"] = json!(source.name());
     }
     let opts = match opts {
         Value::Object(m) => decode(&m)?,
@@ -208,25 +197,17 @@ pub(crate) fn schema(s: &mut Schema) {
         .object(
             "DriveBackup",
             &[
-                "*job-id:str",
-                "device:str",
-                "target:str",
-                "*format:str",
-                "sync:MirrorSyncMode",
-                "*mode:NewImageMode",
-                "*speed:int",
-                "*bitmap:str",
-                "*bitmap-mode:BitmapSyncMode",
-                "*compress:bool",
-                "*on-source-error:BlockdevOnError",
-                "*on-target-error:BlockdevOnError",
-                "*auto-finalize:bool",
-                "*auto-dismiss:bool",
-                "*filter-node-name:str",
-                "*discard-source:bool",
-                "*on-cbw-error:OnCbwError",
-                "*x-perf:BackupPerf",
-            ],
+                &[
+                    "*job-id:str",
+                    "device:str",
+                    "target:str",
+                    "*format:str",
+                    "sync:MirrorSyncMode",
+                    "*mode:NewImageMode",
+                ],
+                backup::AFTER_SYNC,
+            ]
+            .concat(),
         );
     s.command("drive-backup", Some("DriveBackup"), None, &["deprecated"]);
 }

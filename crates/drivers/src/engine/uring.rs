@@ -34,7 +34,8 @@ use tokio::io::unix::AsyncFd;
 use block::IoVec;
 
 use super::{
-    needs_bounce, AlignedBuf, CacheHint, IoEngine, Lane, Seek, SharedFd, ThreadPoolEngine,
+    needs_bounce, write_bounce, AlignedBuf, CacheHint, IoEngine, Lane, Seek, SharedFd,
+    ThreadPoolEngine,
 };
 
 /// Entries in the submission queue. Submissions are pushed and entered one at a time, so the
@@ -423,22 +424,13 @@ impl UringEngine {
         data: IoVec,
         align: usize,
     ) -> io::Result<()> {
-        let misaligned = data
-            .parts()
-            .iter()
-            .any(|p| needs_bounce(p.as_ptr(), align) || (align > 1 && p.len() % align != 0));
-        let data = if misaligned {
-            let mut bounce = AlignedBuf::new(data.len(), align);
-            let mut at = 0;
-            for part in data.parts() {
-                bounce.as_mut_slice()[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
+        let data = match write_bounce(&data, align) {
+            Some(bounce) => {
+                let mut v = IoVec::new();
+                v.push(Bytes::from_owner(bounce));
+                v
             }
-            let mut v = IoVec::new();
-            v.push(Bytes::from_owner(bounce));
-            v
-        } else {
-            data
+            None => data,
         };
         let total = data.len();
         let mut done = 0usize;
@@ -643,18 +635,8 @@ impl IoEngine for UringEngine {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{fd, round_trip_with_bounce};
     use super::*;
-    use std::fs::OpenOptions;
-
-    fn fd(path: &std::path::Path) -> SharedFd {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path);
-        Arc::new(OwnedFd::from(f.expect("open temp file")))
-    }
 
     fn engine() -> UringEngine {
         UringEngine::new(Arc::new(ThreadPoolEngine::new(2))).expect("io_uring on this host")
@@ -665,22 +647,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fd = fd(&dir.path().join("f"));
         let engine = engine();
-        // Misaligned parts for a 4 KiB alignment: the write bounces.
-        let mut v = IoVec::new();
-        v.push(Bytes::from(vec![1u8; 3000]));
-        v.push(Bytes::from(vec![2u8; 1096]));
-        engine.write_at(&fd, 4096, v, 4096).await.expect("write");
-        let buf = engine
-            .read_at(&fd, 4000, BytesMut::zeroed(8192), 1)
-            .await
-            .expect("read");
-        assert!(buf[..96].iter().all(|&b| b == 0));
-        assert!(buf[96..3096].iter().all(|&b| b == 1));
-        assert!(buf[3096..4192].iter().all(|&b| b == 2));
-        assert!(
-            buf[4192..].iter().all(|&b| b == 0),
-            "past EOF reads as zero"
-        );
+        round_trip_with_bounce(&engine, &fd).await;
         // More parts than one writev takes: the rest goes in further submissions.
         let mut v = IoVec::new();
         for i in 0..3000u32 {
