@@ -131,8 +131,10 @@ def main():
     ap.add_argument("--max-chunk-kib", type=int, default=0, help="backup x-perf.max-chunk, KiB")
     ap.add_argument("--guest-latency-budget-us", type=int, default=0,
                     help="blockjobd's x-perf.guest-latency-budget, microseconds (qsd has none)")
+    ap.add_argument("--blockjobd", default=os.path.join(ROOT, "target", "release", "blockjobd"),
+                    help="the blockjobd binary to measure (default: this tree's release build)")
     a = ap.parse_args()
-    ours = os.path.join(ROOT, "target", "release", "blockjobd")
+    ours = a.blockjobd
     for tool in ("fio", "qemu-storage-daemon", "qemu-img"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is needed (apt-get install -y fio qemu-utils)")

@@ -19,9 +19,14 @@
 //! A claimed range belongs to one task; anyone else who needs it waits for that task instead
 //! of copying again.
 //!
-//! **What a guest write waits for.** QEMU holds a guest write until the old data has been read
-//! *and written to the target*. Here it waits until the old data has been read into memory
-//! (the task is *held*); the write to the target happens behind it, in the task's own tokio
+//! **What a guest write waits for.** QEMU holds a guest write until the old data of every
+//! cluster it touches has been read *and written to the target*. Here it waits until the old
+//! data of the *grains* it touches (4 KiB in a 64 KiB cluster; [`Options::grain`]) has been read
+//! into memory (the task is *held*). A cluster the write touches only in part leaves the copy
+//! bitmap as QEMU's would (and counts as copied once its first grains land), but the rest of
+//! it stays in the source until the background copy or another guest write takes it: the
+//! guest reads 4 KiB of old data where QEMU reads and writes 64 KiB. The write to the target
+//! happens behind it, in the task's own tokio
 //! task, so a dropped request never strands a claimed range. The held data is bounded by a
 //! memory budget shared with the background copy: when it is full, a guest write waits for
 //! room, which comes as target writes complete. Whoever needs the point-in-time content of a
@@ -41,8 +46,9 @@
 //! read; with `skip_unallocated` (sync=top), ranges the source's top layer does not allocate
 //! are skipped.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bitmap::DirtyBitmap;
@@ -65,6 +71,19 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 /// The budget is counted in units of this many bytes.
 const MEMORY_UNIT: u64 = 4096;
 
+/// Smallest grain a guest write protects.
+pub const MIN_GRAIN: u64 = 4096;
+
+/// At most this many clusters are copied grain by grain at once; past it, guest writes
+/// protect whole clusters (the bookkeeping of a partly copied cluster is a few dozen bytes).
+const MAX_PARTIAL: usize = 1 << 16;
+
+/// Guest writes protect grains only while at most this many guest writes are in flight (see
+/// [`BlockCopy::guest_request`]). A light guest gets the shortest wait; a guest that keeps the
+/// disk busy gets QEMU's whole clusters (the rest of a partial one included), which cost fewer
+/// I/Os when it writes near its earlier writes.
+const GRAIN_MAX_GUESTS: usize = 4;
+
 /// How a [`BlockCopy`] copies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -81,6 +100,10 @@ pub struct Options {
     /// Discard each range from the source once it is in the target (backup
     /// `discard-source`, push fleecing from a snapshot-access node).
     pub discard_source: bool,
+    /// What a guest write protects inside a cluster nobody copied yet: 0 for the default
+    /// (`cluster / 64`, at least [`MIN_GRAIN`]); the cluster size or more for whole clusters,
+    /// as QEMU. Compressed, write-through and discard-source copies use whole clusters.
+    pub grain: u64,
 }
 
 impl Options {
@@ -93,6 +116,7 @@ impl Options {
             memory: DEFAULT_MEMORY,
             write_through: false,
             discard_source: false,
+            grain: 0,
         }
     }
 }
@@ -157,6 +181,8 @@ struct Task {
     phase: Phase,
     /// A guest write went on relying on the held data: it cannot be read again.
     guest_passed: bool,
+    /// Grains of a cluster being copied grain by grain (see [`Partial`]).
+    partial: bool,
 }
 
 impl Task {
@@ -165,9 +191,27 @@ impl Task {
     }
 }
 
+/// A cluster that guest writes took off the copy bitmap a few grains at a time: only the
+/// grains they touch are read on the guest's path; the rest stays in the source until the
+/// background copy (or another guest write) takes it. Masks have one bit per grain.
+#[derive(Debug, Default)]
+struct Partial {
+    /// Grains claimed by a task or in the target.
+    taken: u64,
+    /// Grains in the target.
+    stored: u64,
+    /// Grains a guest write relied on: their point-in-time data is no longer in the source.
+    guest: u64,
+    /// The cluster was counted as copied (once, when its first grains landed, as QEMU counts
+    /// a cluster copied for a guest write).
+    reported: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     tasks: Vec<Task>,
+    /// Clusters being copied grain by grain, by offset; their copy-bitmap bits are clear.
+    partial: BTreeMap<u64, Partial>,
     next_id: u64,
     /// A failure nobody waited for, until the job takes it.
     error: Option<BlockError>,
@@ -178,6 +222,8 @@ pub struct BlockCopy {
     source: Arc<Child>,
     target: Arc<Child>,
     cluster: u64,
+    /// Grain of guest-path copies; equal to `cluster` when whole clusters are copied.
+    grain: u64,
     len: u64,
     chunk: u64,
     compress: bool,
@@ -190,6 +236,18 @@ pub struct BlockCopy {
     progress: Mutex<Option<ProgressFn>>,
     skip_unallocated: AtomicBool,
     closed: AtomicBool,
+    /// Guest writes in flight (see [`BlockCopy::guest_request`]).
+    guests: AtomicUsize,
+}
+
+/// A guest write in flight, counted while this lives.
+#[derive(Debug)]
+pub struct GuestRequest<'a>(&'a AtomicUsize);
+
+impl Drop for GuestRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for BlockCopy {
@@ -208,6 +266,24 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 fn align_down(x: u64, a: u64) -> u64 {
     x - x % a
+}
+
+/// Runs of set bits of `mask` as `(first, end)` bit indices.
+fn bit_runs(mut mask: u64) -> Vec<(u32, u32)> {
+    let mut runs = Vec::new();
+    let mut base = 0;
+    while mask != 0 {
+        let lo = mask.trailing_zeros();
+        let shifted = mask >> lo;
+        let n = shifted.trailing_ones();
+        runs.push((base + lo, base + lo + n));
+        if lo + n >= 64 {
+            break;
+        }
+        mask = shifted >> n;
+        base += lo + n;
+    }
+    runs
 }
 
 /// The node below `node`'s top layer (its backing file, looking through filters), for
@@ -251,6 +327,12 @@ impl BlockCopy {
         } else {
             align_down(chunk, cluster).max(cluster)
         };
+        let grain = match opts.grain {
+            0 => (cluster / 64).max(MIN_GRAIN),
+            g => g.max(cluster / 64).max(512).next_power_of_two(),
+        };
+        let whole = opts.compress || opts.write_through || opts.discard_source;
+        let grain = if whole { cluster } else { grain.min(cluster) };
         let units = usize::try_from(opts.memory.max(chunk).div_ceil(MEMORY_UNIT))
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
@@ -258,6 +340,7 @@ impl BlockCopy {
             source,
             target,
             cluster,
+            grain,
             len,
             chunk,
             compress: opts.compress,
@@ -270,6 +353,7 @@ impl BlockCopy {
             progress: Mutex::new(None),
             skip_unallocated: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            guests: AtomicUsize::new(0),
         }))
     }
 
@@ -331,16 +415,186 @@ impl BlockCopy {
         self.bitmap.with(f)
     }
 
-    /// Bytes still to copy: dirty in the bitmap or claimed and not yet in the target.
+    /// Counts a guest write in flight (through `protect` and on to the source) while the
+    /// result lives: how many there are decides whether guest writes protect grains or whole
+    /// clusters.
+    pub fn guest_request(&self) -> GuestRequest<'_> {
+        self.guests.fetch_add(1, Ordering::Relaxed);
+        GuestRequest(&self.guests)
+    }
+
+    /// The grain of guest-path copies (the cluster size when whole clusters are copied).
+    pub fn grain(&self) -> u64 {
+        self.grain
+    }
+
+    /// Bytes still to copy, for progress: dirty in the bitmap, claimed and not yet in the
+    /// target, or in a cluster copied grain by grain that was not counted yet.
     pub fn remaining(&self) -> u64 {
         let st = lock(&self.state);
         let dirty = self.bitmap.with(|b| b.dirty_bytes()).unwrap_or(0);
-        dirty + st.tasks.iter().map(|t| t.end - t.start).sum::<u64>()
+        let tasks: u64 = st
+            .tasks
+            .iter()
+            .filter(|t| !t.partial)
+            .map(|t| t.end - t.start)
+            .sum();
+        let partial: u64 = st
+            .partial
+            .iter()
+            .filter(|(_, p)| !p.reported)
+            .map(|(&c, _)| self.cluster_end(c) - c)
+            .sum();
+        dirty + tasks + partial
     }
 
     /// True when nothing is left to copy and no task is in flight or stranded.
     pub fn is_done(&self) -> bool {
-        self.remaining() == 0
+        let st = lock(&self.state);
+        let dirty = self.bitmap.with(|b| b.dirty_bytes()).unwrap_or(0);
+        dirty == 0
+            && st.tasks.is_empty()
+            && st.partial.iter().all(|(&c, p)| p.taken == self.full(c))
+    }
+
+    /// What is not in the target yet, at cluster grain: the copy bitmap and the clusters
+    /// copied grain by grain that are not whole in the target. `None` once the owner is gone.
+    pub fn uncopied(&self) -> Option<DirtyBitmap> {
+        let st = lock(&self.state);
+        let mut b = self.bitmap.with(|b| b.clone())?;
+        for (&c, p) in &st.partial {
+            if p.stored != self.full(c) {
+                b.set_dirty(c, self.cluster_end(c) - c);
+            }
+        }
+        Some(b)
+    }
+
+    /// Nothing in `[start, end)` (whole clusters) needs copying any more (a snapshot reader
+    /// discarded it).
+    pub fn forget(&self, start: u64, end: u64) {
+        let mut st = lock(&self.state);
+        self.bitmap.with(|b| b.reset_dirty(start, end - start));
+        let keys: Vec<u64> = st.partial.range(start..end).map(|(&c, _)| c).collect();
+        for c in keys {
+            let ce = self.cluster_end(c);
+            let busy = st.tasks.iter().any(|t| t.overlaps(c, ce));
+            if busy {
+                if let Some(p) = st.partial.get_mut(&c) {
+                    p.taken = self.full(c);
+                    p.stored = p.taken;
+                    p.reported = true;
+                }
+            } else {
+                st.partial.remove(&c);
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Ranges of `[offset, end)` inside clusters copied grain by grain whose point-in-time
+    /// data is still in the source (no guest write relied on a copy of them yet), although a
+    /// guest write to another grain marked the cluster as protected.
+    pub fn in_source(&self, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let st = lock(&self.state);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let from = align_down(offset, self.cluster);
+        for (&c, p) in st.partial.range(from..end) {
+            for (lo, hi) in bit_runs(self.full(c) & !p.guest) {
+                let (s, e) = self.grain_range(c, lo, hi);
+                let (s, e) = (s.max(offset), e.min(end));
+                if s >= e {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => out.push((s, e)),
+                }
+            }
+        }
+        out
+    }
+
+    /// End of the cluster at `c` (the disk may end inside its last cluster).
+    fn cluster_end(&self, c: u64) -> u64 {
+        (c + self.cluster).min(self.len)
+    }
+
+    /// Mask of every grain of the cluster at `c`.
+    fn full(&self, c: u64) -> u64 {
+        let n = (self.cluster_end(c) - c).div_ceil(self.grain);
+        if n >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << n) - 1
+        }
+    }
+
+    /// Mask of the grains of the cluster at `c` that `[s, e)` touches.
+    fn grain_mask(&self, c: u64, s: u64, e: u64) -> u64 {
+        let (s, e) = (s.max(c), e.min(self.cluster_end(c)));
+        if s >= e {
+            return 0;
+        }
+        let lo = (s - c) / self.grain;
+        let hi = (e - c).div_ceil(self.grain);
+        let upto = if hi >= 64 { u64::MAX } else { (1u64 << hi) - 1 };
+        upto & !((1u64 << lo) - 1)
+    }
+
+    /// Bytes of grains `[lo, hi)` of the cluster at `c`.
+    fn grain_range(&self, c: u64, lo: u32, hi: u32) -> (u64, u64) {
+        (
+            c + u64::from(lo) * self.grain,
+            (c + u64::from(hi) * self.grain).min(self.cluster_end(c)),
+        )
+    }
+
+    /// Claims the grains `want` of the partial cluster at `c` as tasks, one per run.
+    fn claim_grains(&self, st: &mut State, c: u64, want: u64) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        for (lo, hi) in bit_runs(want) {
+            let (s, e) = self.grain_range(c, lo, hi);
+            st.next_id += 1;
+            let id = st.next_id;
+            st.tasks.push(Task {
+                id,
+                start: s,
+                end: e,
+                phase: Phase::Reading,
+                guest_passed: false,
+                partial: true,
+            });
+            out.push((id, s, e));
+        }
+        if let Some(p) = st.partial.get_mut(&c) {
+            p.taken |= want;
+        }
+        out
+    }
+
+    /// The dirty clusters a guest write over `[gs, ge)` touches only in part become partial
+    /// (grain by grain), while there is room for their bookkeeping.
+    fn split_edges(&self, st: &mut State, gs: u64, ge: u64) {
+        if self.grain >= self.cluster {
+            return;
+        }
+        let first = align_down(gs, self.cluster);
+        let last = align_down(ge - 1, self.cluster);
+        for c in [first, last] {
+            if st.partial.len() >= MAX_PARTIAL || st.partial.contains_key(&c) {
+                continue;
+            }
+            let covered = gs <= c && ge >= self.cluster_end(c);
+            let dirty = self.bitmap.with(|b| b.is_dirty(c)).unwrap_or(false);
+            if covered || !dirty {
+                continue;
+            }
+            self.bitmap
+                .with(|b| b.reset_dirty(c, self.cluster_end(c) - c));
+            st.partial.insert(c, Partial::default());
+        }
     }
 
     /// Claims the dirty clusters of `[start, end)` (cluster-aligned) as new tasks.
@@ -370,6 +624,7 @@ impl BlockCopy {
                     end: e,
                     phase: Phase::Reading,
                     guest_passed: false,
+                    partial: false,
                 });
                 (id, s, e)
             })
@@ -385,9 +640,11 @@ impl BlockCopy {
     }
 
     /// The guest is about to change `[offset, offset+len)` of the source: returns once the
-    /// point-in-time content of every cluster it touches is safe (held in memory or in the
-    /// target), copying what nobody copies yet. An error means it could not be made safe;
-    /// the clusters stay to be copied.
+    /// point-in-time content of every grain it touches is safe (held in memory or in the
+    /// target), copying what nobody copies yet. Clusters the write covers whole are copied
+    /// whole; in a cluster it touches in part only the grains it touches are read, and the
+    /// rest stays for the background copy. An error means it could not be made safe; what
+    /// was not copied stays to be copied.
     pub async fn protect(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let start = align_down(offset, self.cluster);
         let end = offset
@@ -398,6 +655,13 @@ impl BlockCopy {
         if start >= end {
             return Ok(());
         }
+        let gs = align_down(offset, self.grain);
+        let ge = offset
+            .saturating_add(len)
+            .div_ceil(self.grain)
+            .saturating_mul(self.grain)
+            .min(self.len);
+        let fine = self.guests.load(Ordering::Relaxed) <= GRAIN_MAX_GUESTS;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -407,15 +671,46 @@ impl BlockCopy {
                 let waiting = st
                     .tasks
                     .iter()
-                    .any(|t| t.overlaps(start, end) && !self.usable(t));
+                    .any(|t| t.overlaps(gs, ge) && !self.usable(t));
                 let mine = if waiting {
                     Vec::new()
                 } else {
-                    self.claim(&mut st, start, end)
+                    if fine {
+                        self.split_edges(&mut st, gs, ge);
+                    }
+                    let mut mine = self.claim(&mut st, start, end);
+                    let partial: Vec<(u64, u64)> = st
+                        .partial
+                        .range(start..end)
+                        .map(|(&c, p)| {
+                            // A busy guest takes the rest of a partial cluster along.
+                            let want = if fine {
+                                self.grain_mask(c, gs, ge)
+                            } else {
+                                self.full(c)
+                            };
+                            (c, want & !p.taken)
+                        })
+                        .filter(|&(_, want)| want != 0)
+                        .collect();
+                    for (c, want) in partial {
+                        mine.extend(self.claim_grains(&mut st, c, want));
+                    }
+                    mine
                 };
                 if !waiting && mine.is_empty() {
-                    for t in st.tasks.iter_mut().filter(|t| t.overlaps(start, end)) {
+                    for t in st.tasks.iter_mut().filter(|t| t.overlaps(gs, ge)) {
                         t.guest_passed = true;
+                    }
+                    let cuts: Vec<(u64, u64)> = st
+                        .partial
+                        .range(start..end)
+                        .map(|(&c, _)| (c, self.grain_mask(c, gs, ge)))
+                        .collect();
+                    for (c, m) in cuts {
+                        if let Some(p) = st.partial.get_mut(&c) {
+                            p.guest |= m;
+                        }
                     }
                     return Ok(());
                 }
@@ -463,12 +758,32 @@ impl BlockCopy {
             };
             let area = self
                 .bitmap
-                .with(|b| b.next_dirty_area(from, self.len, chunk))??;
-            let (s, n) = area;
-            let mut claimed = self.claim(&mut st, s, s + n);
-            claimed.pop()?
+                .with(|b| b.next_dirty_area(from, self.len, chunk))
+                .flatten();
+            let partial = st
+                .partial
+                .range(from..)
+                .find(|(&c, p)| p.taken != self.full(c))
+                .map(|(&c, p)| (c, self.full(c) & !p.taken));
+            match (area, partial) {
+                (Some((s, _)), Some((c, want))) if c < s => self.first_run(&mut st, c, want)?,
+                (None, Some((c, want))) => self.first_run(&mut st, c, want)?,
+                (Some((s, n)), _) => self.claim(&mut st, s, s + n).pop()?,
+                (None, None) => return None,
+            }
         };
         Some((s, e, self.spawn(id, s, e, None)))
+    }
+
+    /// Claims the first run of grains of `want` in the partial cluster at `c`.
+    fn first_run(&self, st: &mut State, c: u64, want: u64) -> Option<(u64, u64, u64)> {
+        let lo = want.trailing_zeros();
+        let n = want.checked_shr(lo)?.trailing_ones();
+        let run = match n {
+            64.. => u64::MAX,
+            n => ((1u64 << n) - 1) << lo,
+        };
+        self.claim_grains(st, c, run).pop()
     }
 
     fn spawn(
@@ -525,13 +840,13 @@ impl BlockCopy {
         // A guest write that claimed the range goes on as soon as it hears the data is held:
         // from then on the data cannot be read again, whatever the target does.
         let relied_on = held.is_some() && !self.write_through;
-        self.set_phase(id, Phase::Held(pieces.clone()), relied_on);
+        let partial = self.set_phase(id, Phase::Held(pieces.clone()), relied_on);
         if relied_on {
             if let Some(tx) = held.take() {
                 let _ = tx.send(Ok(()));
             }
         }
-        match self.store(&pieces).await {
+        match self.store(&pieces, !partial).await {
             Ok(()) => {
                 if self.discard_source {
                     // What the source held is in the target now: let it go (a failure
@@ -549,7 +864,7 @@ impl BlockCopy {
                 if let Some(permit) = self.strand_or_redirty(id, permit, &e) {
                     let this = self.clone();
                     tokio::spawn(block::drain::carry(async move {
-                        this.retry(id, pieces, permit).await;
+                        this.retry(id, pieces, !partial, permit).await;
                     }));
                 }
                 if let Some(tx) = held.take() {
@@ -564,7 +879,13 @@ impl BlockCopy {
     }
 
     /// Writes stranded data until it lands or the copy is closed, backing off between tries.
-    async fn retry(&self, id: u64, pieces: Arc<Vec<Piece>>, permit: OwnedSemaphorePermit) {
+    async fn retry(
+        &self,
+        id: u64,
+        pieces: Arc<Vec<Piece>>,
+        count: bool,
+        permit: OwnedSemaphorePermit,
+    ) {
         let mut pause = std::time::Duration::from_millis(10);
         while !self.closed.load(Ordering::Acquire) {
             let closed = self.changed.notified();
@@ -572,7 +893,7 @@ impl BlockCopy {
             if self.closed.load(Ordering::Acquire) {
                 break;
             }
-            match self.store(&pieces).await {
+            match self.store(&pieces, count).await {
                 Ok(()) => {
                     self.unclaim(id, false);
                     break;
@@ -604,27 +925,61 @@ impl BlockCopy {
         self.changed.notify_waiters();
     }
 
-    fn set_phase(&self, id: u64, phase: Phase, guest_passed: bool) {
+    /// Moves task `id` on; returns whether it copies grains of a partial cluster.
+    fn set_phase(&self, id: u64, phase: Phase, guest_passed: bool) -> bool {
         let mut st = lock(&self.state);
+        let mut partial = false;
         if let Some(t) = st.tasks.iter_mut().find(|t| t.id == id) {
             t.phase = phase;
             t.guest_passed |= guest_passed;
+            partial = t.partial;
         }
         drop(st);
         self.changed.notify_waiters();
+        partial
     }
 
     /// Ends task `id`: its range is copied, or (`redirty`) still to copy.
     fn unclaim(&self, id: u64, redirty: bool) {
         let mut st = lock(&self.state);
+        let mut counted = None;
         if let Some(i) = st.tasks.iter().position(|t| t.id == id) {
             let t = st.tasks.swap_remove(i);
+            counted = self.release(&mut st, &t, redirty);
+        }
+        drop(st);
+        if let Some(n) = counted {
+            self.report(Progress::Copied(n));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Books a finished task: its range is in the target, or (`redirty`) still to copy.
+    /// Returns the bytes to count as copied when this completes a grain-by-grain cluster's
+    /// first landing (whole-cluster tasks count their pieces as they store them).
+    fn release(&self, st: &mut State, t: &Task, redirty: bool) -> Option<u64> {
+        if !t.partial {
             if redirty {
                 self.bitmap.with(|b| b.set_dirty(t.start, t.end - t.start));
             }
+            return None;
         }
-        drop(st);
-        self.changed.notify_waiters();
+        let c = align_down(t.start, self.cluster);
+        let m = self.grain_mask(c, t.start, t.end);
+        let full = self.full(c);
+        let ce = self.cluster_end(c);
+        let p = st.partial.get_mut(&c)?;
+        if redirty {
+            p.taken &= !m;
+            return None;
+        }
+        p.stored |= m;
+        let counted = (!p.reported).then_some(ce - c);
+        p.reported = true;
+        if p.stored == full {
+            st.partial.remove(&c);
+        }
+        counted
     }
 
     /// A target write failed: the range is read again later, unless a guest write relied on
@@ -648,7 +1003,7 @@ impl BlockCopy {
                 keep = Some(permit);
             } else {
                 let t = st.tasks.swap_remove(i);
-                self.bitmap.with(|b| b.set_dirty(t.start, t.end - t.start));
+                self.release(&mut st, &t, true);
             }
         }
         drop(st);
@@ -765,8 +1120,9 @@ impl BlockCopy {
         align_down(n, self.cluster).max(self.cluster).min(end - at)
     }
 
-    /// Writes pieces to the target.
-    async fn store(&self, pieces: &[Piece]) -> Result<()> {
+    /// Writes pieces to the target, counting them as progress when `count` (grains of a
+    /// partial cluster are counted by the cluster, in [`release`](Self::release)).
+    async fn store(&self, pieces: &[Piece], count: bool) -> Result<()> {
         for p in pieces {
             match &p.content {
                 Content::Data(d) => {
@@ -778,15 +1134,20 @@ impl BlockCopy {
                     self.target
                         .write(p.offset, IoVec::from(d.clone()), flags)
                         .await?;
-                    self.report(Progress::Copied(p.len));
+                    if count {
+                        self.report(Progress::Copied(p.len));
+                    }
                 }
                 Content::Zero => {
                     self.target
                         .write_zeroes(p.offset, p.len, ZeroFlags::default())
                         .await?;
-                    self.report(Progress::Copied(p.len));
+                    if count {
+                        self.report(Progress::Copied(p.len));
+                    }
                 }
-                Content::Skip => self.report(Progress::Skipped(p.len)),
+                Content::Skip if count => self.report(Progress::Skipped(p.len)),
+                Content::Skip => {}
             }
         }
         Ok(())

@@ -4,7 +4,7 @@ use block::testing::MemDisk;
 use block::{BlockDriver, BlockStatus, ChildRole};
 use bytes::BytesMut;
 use proptest::prelude::*;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A target that is slow, and fails some writes (every `fail_every`-th, 0 = never).
@@ -222,9 +222,78 @@ async fn a_guest_write_waits_for_the_read_only() {
     assert_eq!(held.len(), 1);
     assert!(held[0].1.iter().all(|&b| b == 7));
     bcs.settled().await;
-    assert!(read_all(&target_disk).await[..65536]
-        .iter()
-        .all(|&b| b == 7));
+    // Only the grain the write touched was copied on its path.
+    assert!(read_all(&target_disk).await[..4096].iter().all(|&b| b == 7));
+}
+
+#[tokio::test]
+async fn a_guest_write_copies_only_the_grains_it_touches() {
+    let len = 1 << 20;
+    let s = setup(len, Options::new(65536), 0, 0);
+    assert_eq!(s.bcs.grain(), 4096);
+    let before: Vec<u8> = (0..len).map(|i| (i % 249 + 1) as u8).collect();
+    s.source
+        .write(0, IoVec::from(before.clone()), WriteFlags::default())
+        .await
+        .expect("w");
+    let copied = Arc::new(AtomicU64::new(0));
+    let c = copied.clone();
+    s.bcs.set_progress(Arc::new(move |p| {
+        if let Progress::Copied(n) = p {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }));
+    let guest = |off: u64, n: usize| {
+        let (bcs, source) = (s.bcs.clone(), s.source.clone());
+        async move {
+            bcs.protect(off, n as u64).await.expect("protect");
+            source
+                .write(off, IoVec::from(vec![0xee; n]), WriteFlags::default())
+                .await
+                .expect("guest write");
+        }
+    };
+    guest(3 * 4096 + 100, 10).await;
+    s.bcs.settled().await;
+    // The cluster left the copy bitmap and counts as copied once, as in QEMU ...
+    assert_eq!(s.bcs.with_bitmap(|b| b.dirty_bytes()), Some(len - 65536));
+    assert_eq!(copied.load(Ordering::Relaxed), 65536);
+    assert_eq!(s.bcs.remaining(), len - 65536);
+    assert!(!s.bcs.is_done());
+    // ... but only its grain 3 reached the target.
+    let t = read_all(&s.target_disk).await;
+    assert_eq!(&t[3 * 4096..4 * 4096], &before[3 * 4096..4 * 4096]);
+    assert!(t[..3 * 4096].iter().all(|&b| b == 0));
+    assert!(t[4 * 4096..65536].iter().all(|&b| b == 0));
+    guest(5 * 4096, 2 * 4096).await;
+    s.bcs.settled().await;
+    assert_eq!(copied.load(Ordering::Relaxed), 65536);
+    // The grains no guest write touched are still in the source.
+    assert_eq!(
+        s.bcs.in_source(0, 65536),
+        vec![(0, 3 * 4096), (4 * 4096, 5 * 4096), (7 * 4096, 65536)]
+    );
+    let mut uncopied = s.bcs.uncopied().expect("bitmap");
+    assert_eq!(uncopied.dirty_bytes(), len);
+    uncopied.clear();
+    background(&s.bcs, 4).await;
+    assert!(s.bcs.is_done());
+    assert_eq!(copied.load(Ordering::Relaxed), len);
+    assert!(read_all(&s.target_disk).await == before);
+    assert!(s.bcs.in_source(0, len).is_empty());
+}
+
+#[tokio::test]
+async fn whole_clusters_when_the_grain_is_the_cluster() {
+    let len = 1 << 20;
+    let mut opts = Options::new(65536);
+    opts.grain = 65536;
+    let s = setup(len, opts, 0, 0);
+    assert_eq!(s.bcs.grain(), 65536);
+    s.bcs.protect(100, 10).await.expect("protect");
+    s.bcs.settled().await;
+    assert_eq!(s.target_disk.writes(), 1);
+    assert!(s.bcs.in_source(0, len).is_empty());
 }
 
 #[tokio::test]
@@ -283,6 +352,9 @@ struct Scenario {
     chunk_clusters: u64,
     memory_chunks: u64,
     workers: usize,
+    grain_shift: u32,
+    /// Guest writes count themselves in flight (many at once switch to whole clusters).
+    counted: bool,
     write_through: bool,
     delay_us: u64,
     fail_every: u64,
@@ -295,7 +367,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         9u32..17,
         1u64..5,
         1u64..6,
-        1usize..8,
+        (1usize..8, 0u32..5, any::<bool>()),
         any::<bool>(),
         0u64..200,
         prop_oneof![Just(0u64), 3u64..9],
@@ -310,7 +382,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 cluster_shift,
                 chunk_clusters,
                 memory_chunks,
-                workers,
+                (workers, grain_shift, counted),
                 write_through,
                 delay_us,
                 fail_every,
@@ -321,6 +393,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 chunk_clusters,
                 memory_chunks,
                 workers,
+                grain_shift,
+                counted,
                 write_through,
                 delay_us,
                 fail_every,
@@ -339,6 +413,7 @@ async fn run_scenario(sc: Scenario) {
     opts.max_chunk = sc.chunk_clusters * cluster;
     opts.memory = sc.memory_chunks * sc.chunk_clusters * cluster;
     opts.write_through = sc.write_through;
+    opts.grain = cluster >> sc.grain_shift;
     let s = setup(len, opts, sc.delay_us, sc.fail_every);
     let before: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
     s.source
@@ -351,8 +426,10 @@ async fn run_scenario(sc: Scenario) {
         let n = n.min(len - off).max(1);
         let bcs = s.bcs.clone();
         let source = s.source.clone();
+        let counted = sc.counted;
         guests.spawn(async move {
             tokio::time::sleep(Duration::from_micros(delay)).await;
+            let _in_flight = counted.then(|| bcs.guest_request());
             // Under break-guest-write a failed copy fails the write: retry as a guest would.
             while bcs.protect(off, n).await.is_err() {
                 tokio::task::yield_now().await;

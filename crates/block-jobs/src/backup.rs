@@ -697,7 +697,7 @@ impl Backup {
         };
         let sync = (ok || *mode == BitmapMode::Always) && *mode != BitmapMode::Never;
         let leftover = match (!ok && *mode == BitmapMode::Always, self.bcs().await) {
-            (true, Ok(bcs)) => bcs.with_bitmap(|b| b.clone()),
+            (true, Ok(bcs)) => bcs.uncopied(),
             _ => None,
         };
         self.spec.source.with_bitmap(name, |b| {
