@@ -970,7 +970,10 @@ impl BlockCopy {
         let ce = self.cluster_end(c);
         let p = st.partial.get_mut(&c)?;
         if redirty {
-            p.taken &= !m;
+            // A forgotten cluster (all stored already) is not copied again.
+            if p.stored != full {
+                p.taken &= !m;
+            }
             return None;
         }
         p.stored |= m;
