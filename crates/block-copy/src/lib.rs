@@ -217,6 +217,22 @@ struct State {
     error: Option<BlockError>,
 }
 
+impl State {
+    /// A new task reading `[start, end)`; returns its id.
+    fn new_task(&mut self, start: u64, end: u64, partial: bool) -> u64 {
+        self.next_id += 1;
+        self.tasks.push(Task {
+            id: self.next_id,
+            start,
+            end,
+            phase: Phase::Reading,
+            guest_passed: false,
+            partial,
+        });
+        self.next_id
+    }
+}
+
 /// A copy from one node to another; see the module docs.
 pub struct BlockCopy {
     source: Arc<Child>,
@@ -556,17 +572,7 @@ impl BlockCopy {
         let mut out = Vec::new();
         for (lo, hi) in bit_runs(want) {
             let (s, e) = self.grain_range(c, lo, hi);
-            st.next_id += 1;
-            let id = st.next_id;
-            st.tasks.push(Task {
-                id,
-                start: s,
-                end: e,
-                phase: Phase::Reading,
-                guest_passed: false,
-                partial: true,
-            });
-            out.push((id, s, e));
+            out.push((st.new_task(s, e, true), s, e));
         }
         if let Some(p) = st.partial.get_mut(&c) {
             p.taken |= want;
@@ -615,19 +621,7 @@ impl BlockCopy {
             .unwrap_or_default();
         areas
             .into_iter()
-            .map(|(s, e)| {
-                st.next_id += 1;
-                let id = st.next_id;
-                st.tasks.push(Task {
-                    id,
-                    start: s,
-                    end: e,
-                    phase: Phase::Reading,
-                    guest_passed: false,
-                    partial: false,
-                });
-                (id, s, e)
-            })
+            .map(|(s, e)| (st.new_task(s, e, false), s, e))
             .collect()
     }
 

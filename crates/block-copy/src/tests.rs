@@ -90,6 +90,18 @@ fn setup(len: u64, opts: Options, delay_us: u64, fail_every: u64) -> Setup {
     }
 }
 
+/// Bytes the copy reports as copied, from now on.
+fn count_copied(bcs: &BlockCopy) -> Arc<AtomicU64> {
+    let copied = Arc::new(AtomicU64::new(0));
+    let c = copied.clone();
+    bcs.set_progress(Arc::new(move |p| {
+        if let Progress::Copied(n) = p {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }));
+    copied
+}
+
 async fn read_all(d: &Arc<MemDisk>) -> Vec<u8> {
     d.read(0, BytesMut::zeroed(d.len() as usize))
         .await
@@ -132,13 +144,7 @@ async fn background_copy_copies_everything() {
         .write(0, IoVec::from(pattern.clone()), WriteFlags::default())
         .await
         .expect("w");
-    let copied = Arc::new(AtomicU64::new(0));
-    let c = copied.clone();
-    s.bcs.set_progress(Arc::new(move |p| {
-        if let Progress::Copied(n) = p {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-    }));
+    let copied = count_copied(&s.bcs);
     background(&s.bcs, 4).await;
     assert_eq!(read_all(&s.target_disk).await, pattern);
     assert_eq!(copied.load(Ordering::Relaxed), len, "each byte once");
@@ -236,13 +242,7 @@ async fn a_guest_write_copies_only_the_grains_it_touches() {
         .write(0, IoVec::from(before.clone()), WriteFlags::default())
         .await
         .expect("w");
-    let copied = Arc::new(AtomicU64::new(0));
-    let c = copied.clone();
-    s.bcs.set_progress(Arc::new(move |p| {
-        if let Progress::Copied(n) = p {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-    }));
+    let copied = count_copied(&s.bcs);
     let guest = |off: u64, n: usize| {
         let (bcs, source) = (s.bcs.clone(), s.source.clone());
         async move {
