@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::transmission::transmission;
@@ -35,6 +35,14 @@ pub(crate) const MAX_EXTENTS: usize = 128 << 10;
 /// Granularity at which sparse reads are split into data and hole chunks.
 pub(crate) const SPARSE_GRANULE: usize = 64 << 10;
 
+/// Default [`ServerConfig::buffer_budget`]: with the floor's requests, enough data in flight
+/// to keep a disk busy (`bench/rss.sh`, `bench/nbd.sh`).
+pub const DEFAULT_BUFFER_BUDGET: usize = 2 << 20;
+/// Requests admitted whatever their size, on top of the budget.
+pub(crate) const BUFFER_FLOOR: usize = 4;
+/// The budget's unit.
+pub(crate) const BUFFER_UNIT: usize = 4096;
+
 /// Server-wide settings (`nbd-server-start`).
 #[derive(Clone, Copy, Debug)]
 pub struct ServerConfig {
@@ -42,6 +50,12 @@ pub struct ServerConfig {
     pub max_connections: u32,
     /// Clients that have not finished the handshake by then are dropped; `None` = no limit.
     pub handshake_timeout: Option<Duration>,
+    /// Bytes of read and write data that requests may hold at once, across every connection,
+    /// beyond the first few requests (which go on whatever their size): a request waits
+    /// (before its payload is read off the socket) until its data fits, so memory stays
+    /// bounded however many clients queue how much. A request larger than the budget takes
+    /// all of it. 0 = no limit.
+    pub buffer_budget: usize,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +63,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 100,
             handshake_timeout: Some(Duration::from_secs(10)),
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
         }
     }
 }
@@ -69,6 +84,42 @@ pub struct NbdServer {
     pub(crate) exports: Mutex<Vec<Arc<Export>>>,
     pub(crate) stop: watch::Sender<bool>,
     pub(crate) permits: Option<Arc<Semaphore>>,
+    /// The buffer budget, shared by every connection.
+    pub(crate) buffers: Option<Arc<BufferBudget>>,
+}
+
+/// [`ServerConfig::buffer_budget`] in units of [`BUFFER_UNIT`], beside a floor of requests
+/// admitted whatever their size, so a few large requests still stream at full speed.
+#[derive(Debug)]
+pub(crate) struct BufferBudget {
+    units: usize,
+    free: Arc<Semaphore>,
+    floor: Arc<Semaphore>,
+}
+
+impl BufferBudget {
+    fn new(bytes: usize) -> BufferBudget {
+        let units = bytes.div_ceil(BUFFER_UNIT).min(Semaphore::MAX_PERMITS);
+        BufferBudget {
+            units,
+            free: Arc::new(Semaphore::new(units)),
+            floor: Arc::new(Semaphore::new(BUFFER_FLOOR)),
+        }
+    }
+
+    /// Waits until a request holding `bytes` of data may go on: one of the floor's requests,
+    /// or its bytes out of the budget (all of it for more than the budget). `None` only if
+    /// the budget were closed, which it never is.
+    pub(crate) async fn take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.floor.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let units = u32::try_from(bytes.div_ceil(BUFFER_UNIT).min(self.units)).unwrap_or(u32::MAX);
+        tokio::select! {
+            p = self.free.clone().acquire_many_owned(units) => p.ok(),
+            p = self.floor.clone().acquire_owned() => p.ok(),
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -80,11 +131,14 @@ impl NbdServer {
     pub fn new(config: ServerConfig) -> Arc<NbdServer> {
         let permits = (config.max_connections > 0)
             .then(|| Arc::new(Semaphore::new(config.max_connections as usize)));
+        let buffers =
+            (config.buffer_budget > 0).then(|| Arc::new(BufferBudget::new(config.buffer_budget)));
         Arc::new(NbdServer {
             config,
             exports: Mutex::new(Vec::new()),
             stop: watch::Sender::new(false),
             permits,
+            buffers,
         })
     }
 
@@ -210,7 +264,7 @@ impl NbdServer {
             }
         };
         tracing::debug!(target: "nbd_connection", export = %session.export.name(), "transmission");
-        transmission(session, rd, wr).await;
+        transmission(session, rd, wr, self.buffers.clone()).await;
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::export::{ClientGuard, Export};
 use crate::proto::{self, cflags, chunk, cmd, errno, tflags, Request};
-use crate::server::{MAX_EXTENTS, MAX_IN_FLIGHT, SPARSE_GRANULE};
+use crate::server::{BufferBudget, MAX_EXTENTS, MAX_IN_FLIGHT, SPARSE_GRANULE};
 
 /// What a connection negotiated.
 pub(crate) struct Session {
@@ -47,8 +47,12 @@ impl Session {
 
 pub(crate) type Writer = Arc<tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
 
-pub(crate) async fn transmission<R, W>(session: Session, mut rd: R, wr: W)
-where
+pub(crate) async fn transmission<R, W>(
+    session: Session,
+    mut rd: R,
+    wr: W,
+    buffers: Option<Arc<BufferBudget>>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
@@ -76,6 +80,19 @@ where
         if req.kind == cmd::DISC {
             break;
         }
+        // The data this request holds while served (a write's payload, a read's reply) comes
+        // out of the server's budget before the payload leaves the socket.
+        let data = match req.kind {
+            cmd::READ | cmd::WRITE if req.len <= proto::MAX_PAYLOAD => req.len as usize,
+            _ => 0,
+        };
+        let mut held = None;
+        if let (Some(b), true) = (&buffers, data > 0) {
+            held = tokio::select! {
+                p = b.take(data) => p,
+                _ = kill.wait_for(|k| *k) => break,
+            };
+        }
         let mut payload = None;
         if req.has_payload() {
             if req.len <= proto::MAX_PAYLOAD {
@@ -98,6 +115,7 @@ where
         let writer = writer.clone();
         tasks.spawn(async move {
             let _slot = slot;
+            let _held = held;
             serve_request(&session, &writer, req, payload).await;
         });
     }

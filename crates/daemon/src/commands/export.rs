@@ -122,6 +122,7 @@ pub async fn server_start(ctl: &mut Control, args: &Map<String, Value>) -> QmpRe
             0 => None,
             n => Some(Duration::from_secs(n)),
         },
+        ..ServerConfig::default()
     };
     ctl.exports
         .start_server(NbdServer::new(config), listener, socket);

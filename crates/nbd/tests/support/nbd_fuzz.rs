@@ -30,6 +30,7 @@ pub fn exercise(data: &[u8]) -> Vec<u8> {
         let server = NbdServer::new(ServerConfig {
             max_connections: 0,
             handshake_timeout: None,
+            buffer_budget: 64 << 10,
         });
         let node = BlockNode::new("d", Arc::new(MemDriver::new(vec![0u8; 1 << 20])));
         let export = Export::new(ExportConfig {
