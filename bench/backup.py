@@ -7,12 +7,13 @@ fio's nbd engine plays the guest, in three phases per server and run:
   backup  a throttled full blockdev-backup into a raw target runs the whole time;
   cbw     a sync=none backup: only the copy-before-write filter works (fleecing's cost).
 Two guests per phase: 4 KiB random writes at a fixed 2,000/s (p50/p99 latency), and at queue
-depth 16 unthrottled (IOPS). Servers alternate order run by run; the report gives medians,
+depth 16 unthrottled (IOPS), each during a job of its own (--shared-job: one job for both, so
+the deep guest finds the clusters the fixed-rate one copied). Servers alternate order run by run; the report gives medians,
 the ratio of medians (> 1.0: blockjobd better) and the quartiles of the per-run ratios.
 
 Usage: bench/backup.py [--runs N] [--seconds S] [--size-mib M] [--speed-mib B]
                        [--direct on|off] [--max-workers W] [--max-chunk-kib K]
-                       [--guest-latency-budget-us U]
+                       [--guest-latency-budget-us U] [--shared-job] [--blockjobd PATH]
 """
 import argparse
 import json
@@ -93,6 +94,15 @@ def fio(sock, seconds, size, rate, depth):
 
 
 def phase(q, sock, kind, a, size, ours):
+    """One phase: the fixed-rate guest, then the queue-depth-16 guest; each in a job of its
+    own unless --shared-job (then the deep guest finds what the fixed-rate one left)."""
+    if a.shared_job:
+        return measure(q, sock, kind, a, size, ours, [(2000, 8), (0, 16)])
+    return measure(q, sock, kind, a, size, ours, [(2000, 8)]) | \
+        measure(q, sock, kind, a, size, ours, [(0, 16)])
+
+
+def measure(q, sock, kind, a, size, ours, guests):
     if kind != "idle":
         sync = "full" if kind == "backup" else "none"
         perf = {}
@@ -107,16 +117,21 @@ def phase(q, sock, kind, a, size, ours):
         if perf:
             args["x-perf"] = perf
         q.cmd("blockdev-backup", **args)
+    out = {}
     try:
-        fixed = fio(sock, a.seconds, size, 2000, 8)
-        deep = fio(sock, a.seconds, size, 0, 16)
+        for rate, depth in guests:
+            r = fio(sock, a.seconds, size, rate, depth)
+            if rate:
+                out |= {"p50": r["p50"], "p99": r["p99"]}
+            else:
+                out["iops"] = r["iops"]
     finally:
         if kind != "idle":
             # Guest writes copy through the filter unthrottled: a full backup may be done.
             if any(j["id"] == "b" for j in q.cmd("query-jobs")):
                 q.cmd("job-cancel", id="b")
             q.wait_gone("b")
-    return {"p50": fixed["p50"], "p99": fixed["p99"], "iops": deep["iops"]}
+    return out
 
 
 def main():
@@ -133,6 +148,9 @@ def main():
                     help="blockjobd's x-perf.guest-latency-budget, microseconds (qsd has none)")
     ap.add_argument("--blockjobd", default=os.path.join(ROOT, "target", "release", "blockjobd"),
                     help="the blockjobd binary to measure (default: this tree's release build)")
+    ap.add_argument("--shared-job", action="store_true",
+                    help="run the fixed-rate and the queue-depth-16 guest in one job per phase "
+                         "(default: a fresh job for each)")
     a = ap.parse_args()
     ours = a.blockjobd
     for tool in ("fio", "qemu-storage-daemon", "qemu-img"):
@@ -178,7 +196,8 @@ def main():
 
     print(f"guest: 4 KiB random writes over NBD to a {a.size_mib} MiB raw disk, "
           f"cache.direct={a.direct}, {a.seconds}s per measurement, medians of {a.runs} runs; "
-          f"backup: full, {a.speed_mib} MiB/s; cbw: sync=none")
+          f"backup: full, {a.speed_mib} MiB/s; cbw: sync=none; "
+          f"{'one job per phase' if a.shared_job else 'one job per measurement'}")
     print(f"{'phase':8} {'metric':16} {'blockjobd':>10} {'qsd':>10} {'ratio':>7} {'pairs q1-q3':>12}")
     for ph in phases:
         for label, k, higher in [("p50 us @2000/s", "p50", False),
