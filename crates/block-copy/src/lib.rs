@@ -181,13 +181,19 @@ struct Task {
     phase: Phase,
     /// A guest write went on relying on the held data: it cannot be read again.
     guest_passed: bool,
-    /// Grains of a cluster being copied grain by grain (see [`Partial`]).
-    partial: bool,
+    /// The grains it copies, when it copies grains of a cluster copied grain by grain (see
+    /// [`Partial`]); 0 for whole clusters. Its range spans them; grains between that others
+    /// took are read along (one read rather than one per run) and left out of its pieces.
+    grains: u64,
 }
 
 impl Task {
     fn overlaps(&self, start: u64, end: u64) -> bool {
         self.start < end && start < self.end
+    }
+
+    fn partial(&self) -> bool {
+        self.grains != 0
     }
 }
 
@@ -218,8 +224,9 @@ struct State {
 }
 
 impl State {
-    /// A new task reading `[start, end)`; returns its id.
-    fn new_task(&mut self, start: u64, end: u64, partial: bool) -> u64 {
+    /// A new task reading `[start, end)` (for `grains` of a partial cluster, or whole when 0);
+    /// returns its id.
+    fn new_task(&mut self, start: u64, end: u64, grains: u64) -> u64 {
         self.next_id += 1;
         self.tasks.push(Task {
             id: self.next_id,
@@ -227,7 +234,7 @@ impl State {
             end,
             phase: Phase::Reading,
             guest_passed: false,
-            partial,
+            grains,
         });
         self.next_id
     }
@@ -452,7 +459,7 @@ impl BlockCopy {
         let tasks: u64 = st
             .tasks
             .iter()
-            .filter(|t| !t.partial)
+            .filter(|t| !t.partial())
             .map(|t| t.end - t.start)
             .sum();
         let partial: u64 = st
@@ -567,15 +574,52 @@ impl BlockCopy {
         )
     }
 
-    /// Claims the grains `want` of the partial cluster at `c` as tasks, one per run.
-    fn claim_grains(&self, st: &mut State, c: u64, want: u64) -> Vec<(u64, u64, u64)> {
-        let mut out = Vec::new();
-        for (lo, hi) in bit_runs(want) {
-            let (s, e) = self.grain_range(c, lo, hi);
-            out.push((st.new_task(s, e, true), s, e));
+    /// Claims the grains `want` of the partial cluster at `c` as one task, which reads them
+    /// (and the grains between) in one request.
+    fn claim_grains(&self, st: &mut State, c: u64, want: u64) -> Option<(u64, u64, u64)> {
+        if want == 0 {
+            return None;
         }
+        let lo = want.trailing_zeros();
+        let hi = 64 - want.leading_zeros();
+        let (s, e) = self.grain_range(c, lo, hi);
+        let id = st.new_task(s, e, want);
         if let Some(p) = st.partial.get_mut(&c) {
             p.taken |= want;
+        }
+        Some((id, s, e))
+    }
+
+    /// The parts of `pieces` (read for the task copying `grains` of the cluster at `c`) that
+    /// fall in those grains.
+    fn keep_grains(&self, c: u64, grains: u64, pieces: Vec<Piece>) -> Vec<Piece> {
+        let runs: Vec<(u64, u64)> = bit_runs(grains)
+            .into_iter()
+            .map(|(lo, hi)| self.grain_range(c, lo, hi))
+            .collect();
+        if runs.len() == 1 {
+            return pieces;
+        }
+        let mut out = Vec::new();
+        for p in pieces {
+            for &(s, e) in &runs {
+                let (s, e) = (s.max(p.offset), e.min(p.offset + p.len));
+                if s >= e {
+                    continue;
+                }
+                let content = match &p.content {
+                    Content::Data(d) => {
+                        Content::Data(d.slice((s - p.offset) as usize..(e - p.offset) as usize))
+                    }
+                    Content::Zero => Content::Zero,
+                    Content::Skip => Content::Skip,
+                };
+                out.push(Piece {
+                    offset: s,
+                    len: e - s,
+                    content,
+                });
+            }
         }
         out
     }
@@ -621,8 +665,16 @@ impl BlockCopy {
             .unwrap_or_default();
         areas
             .into_iter()
-            .map(|(s, e)| (st.new_task(s, e, false), s, e))
+            .map(|(s, e)| (st.new_task(s, e, 0), s, e))
             .collect()
+    }
+
+    /// Whether `t` copies any of `[gs, ge)` (grain-aligned): the grains between those of a
+    /// partial task, which others took, are not its own.
+    fn touches(&self, t: &Task, gs: u64, ge: u64) -> bool {
+        t.overlaps(gs, ge)
+            && (!t.partial()
+                || t.grains & self.grain_mask(align_down(t.start, self.cluster), gs, ge) != 0)
     }
 
     /// Whether a guest write may rely on `t` for the old data of its range.
@@ -665,7 +717,7 @@ impl BlockCopy {
                 let waiting = st
                     .tasks
                     .iter()
-                    .any(|t| t.overlaps(gs, ge) && !self.usable(t));
+                    .any(|t| self.touches(t, gs, ge) && !self.usable(t));
                 let mine = if waiting {
                     Vec::new()
                 } else {
@@ -693,8 +745,10 @@ impl BlockCopy {
                     mine
                 };
                 if !waiting && mine.is_empty() {
-                    for t in st.tasks.iter_mut().filter(|t| t.overlaps(gs, ge)) {
-                        t.guest_passed = true;
+                    for t in st.tasks.iter_mut() {
+                        if self.touches(t, gs, ge) {
+                            t.guest_passed = true;
+                        }
                     }
                     let cuts: Vec<(u64, u64)> = st
                         .partial
@@ -760,24 +814,13 @@ impl BlockCopy {
                 .find(|(&c, p)| p.taken != self.full(c))
                 .map(|(&c, p)| (c, self.full(c) & !p.taken));
             match (area, partial) {
-                (Some((s, _)), Some((c, want))) if c < s => self.first_run(&mut st, c, want)?,
-                (None, Some((c, want))) => self.first_run(&mut st, c, want)?,
+                (Some((s, _)), Some((c, want))) if c < s => self.claim_grains(&mut st, c, want)?,
+                (None, Some((c, want))) => self.claim_grains(&mut st, c, want)?,
                 (Some((s, n)), _) => self.claim(&mut st, s, s + n).pop()?,
                 (None, None) => return None,
             }
         };
         Some((s, e, self.spawn(id, s, e, None)))
-    }
-
-    /// Claims the first run of grains of `want` in the partial cluster at `c`.
-    fn first_run(&self, st: &mut State, c: u64, want: u64) -> Option<(u64, u64, u64)> {
-        let lo = want.trailing_zeros();
-        let n = want.checked_shr(lo)?.trailing_ones();
-        let run = match n {
-            64.. => u64::MAX,
-            n => ((1u64 << n) - 1) << lo,
-        };
-        self.claim_grains(st, c, run).pop()
     }
 
     fn spawn(
@@ -818,7 +861,15 @@ impl BlockCopy {
         // A guest write waits for this read: it reads at once instead of asking block status
         // first (a zero cluster costs a read, not the guest a round trip through the engine).
         let guest = held.is_some();
+        let grains = lock(&self.state)
+            .tasks
+            .iter()
+            .find(|t| t.id == id)
+            .map_or(0, |t| t.grains);
         let pieces = match self.fetch(start, end, guest).await {
+            Ok(p) if grains != 0 => {
+                Arc::new(self.keep_grains(align_down(start, self.cluster), grains, p))
+            }
             Ok(p) => Arc::new(p),
             Err(e) => {
                 self.unclaim(id, true);
@@ -926,7 +977,7 @@ impl BlockCopy {
         if let Some(t) = st.tasks.iter_mut().find(|t| t.id == id) {
             t.phase = phase;
             t.guest_passed |= guest_passed;
-            partial = t.partial;
+            partial = t.partial();
         }
         drop(st);
         self.changed.notify_waiters();
@@ -952,14 +1003,14 @@ impl BlockCopy {
     /// Returns the bytes to count as copied when this completes a grain-by-grain cluster's
     /// first landing (whole-cluster tasks count their pieces as they store them).
     fn release(&self, st: &mut State, t: &Task, redirty: bool) -> Option<u64> {
-        if !t.partial {
+        if !t.partial() {
             if redirty {
                 self.bitmap.with(|b| b.set_dirty(t.start, t.end - t.start));
             }
             return None;
         }
         let c = align_down(t.start, self.cluster);
-        let m = self.grain_mask(c, t.start, t.end);
+        let m = t.grains;
         let full = self.full(c);
         let ce = self.cluster_end(c);
         let p = st.partial.get_mut(&c)?;
