@@ -258,7 +258,7 @@ impl Child {
     }
 
     /// Enters the request gate of the current target, re-checking the edge after waiting.
-    async fn enter(&self) -> (Arc<BlockNode>, InFlight) {
+    pub(crate) async fn enter(&self) -> (Arc<BlockNode>, InFlight) {
         loop {
             let node = self.node();
             let in_flight = node.gate.enter().await;
@@ -266,6 +266,24 @@ impl Child {
                 return (node, in_flight);
             }
         }
+    }
+
+    /// Copies `len` bytes at `offset` through this edge to `dst_offset` through `dst` without
+    /// passing them through memory (`copy_file_range`), when both edges lead to files through
+    /// drivers that store bytes unchanged (raw) and the range is aligned for both. Returns the
+    /// bytes copied (fewer when the kernel stops early: go on from there), or `None` when the
+    /// pair cannot copy so (copy through memory then).
+    pub async fn copy_range_to(
+        &self,
+        offset: u64,
+        dst: &Child,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let (node, _in) = self.enter().await;
+        let (dnode, _din) = dst.enter().await;
+        node.copy_range_entered(offset, &dnode, dst_offset, len)
+            .await
     }
 
     /// Reads through the edge; see [`BlockNode::read`].

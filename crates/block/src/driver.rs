@@ -268,6 +268,31 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn as_compressed_writer(&self) -> Option<&dyn CompressedWrite> {
         None
     }
+
+    /// Copy offload (`use-copy-range`): the child that stores this node's bytes unchanged
+    /// and where `offset` is in it (a raw format), so a copy can go on below. `None` for
+    /// drivers that change bytes on the way (or are a leaf).
+    fn copy_through(&self, _offset: u64) -> Option<(Arc<Child>, u64)> {
+        None
+    }
+
+    /// Copy offload at the leaves: copies `len` bytes at `offset` of this node to `dst_offset`
+    /// of `dst` without passing them through memory, and returns how many it copied (fewer
+    /// when the kernel stops early). `Ok(None)` when the pair cannot do it (not two files).
+    async fn copy_range_to(
+        &self,
+        _offset: u64,
+        _dst: &dyn BlockDriver,
+        _dst_offset: u64,
+        _len: u64,
+    ) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// The driver as `Any`, for [`copy_range_to`](Self::copy_range_to) to recognise its own kind.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Capability: writing whole clusters compressed.

@@ -105,6 +105,50 @@ impl BlockNode {
         Ok(())
     }
 
+    /// Copy offload of `[offset, offset+len)` of this node to `dst_offset` of `dst` (both
+    /// entered): down through drivers that store bytes unchanged, to two leaves that copy
+    /// without passing the bytes through memory. Every node of the destination's path runs its
+    /// write hooks and marks its dirty bitmaps, as a write would. Returns the bytes copied
+    /// (fewer when the kernel stops early), or `None` when this path cannot copy so.
+    pub(crate) fn copy_range_entered<'a>(
+        &'a self,
+        offset: u64,
+        dst: &'a BlockNode,
+        dst_offset: u64,
+        len: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u64>>> + Send + 'a>> {
+        Box::pin(async move {
+            self.check_bounds(offset, len)?;
+            dst.check_writable()?;
+            dst.check_bounds(dst_offset, len)?;
+            if len == 0 {
+                return Ok(Some(0));
+            }
+            let align = u64::from(
+                self.facts
+                    .request_alignment
+                    .max(dst.facts.request_alignment),
+            );
+            if offset % align != 0 || dst_offset % align != 0 || len % align != 0 {
+                return Ok(None);
+            }
+            if let Some((child, at)) = self.driver.copy_through(offset) {
+                let (node, _in) = child.enter().await;
+                return node.copy_range_entered(at, dst, dst_offset, len).await;
+            }
+            dst.run_hooks(dst_offset, len, WriteKind::Write).await?;
+            let _mark = dst.mark_dirty_after(dst_offset, len);
+            let _shared = dst.locks.lock(dst_offset, len, LockMode::Shared).await;
+            if let Some((child, at)) = dst.driver.copy_through(dst_offset) {
+                let (node, _in) = child.enter().await;
+                return self.copy_range_entered(offset, &node, at, len).await;
+            }
+            self.driver
+                .copy_range_to(offset, dst.driver.as_ref(), dst_offset, len)
+                .await
+        })
+    }
+
     pub(crate) async fn read_entered(&self, offset: u64, len: usize) -> Result<Bytes> {
         Ok(self
             .read_into_entered(offset, crate::buf::zeroed_for_io(len))

@@ -347,7 +347,7 @@ impl FileDriver {
 
     /// Copies `len` bytes to `dst` with `copy_file_range`, in the kernel. Returns bytes copied
     /// (less than `len` when the kernel stops early; the caller continues or falls back).
-    pub async fn copy_range_to(
+    pub async fn copy_file_range_to(
         &self,
         offset: u64,
         dst: &FileDriver,
@@ -400,6 +400,26 @@ impl FileDriver {
 impl BlockDriver for FileDriver {
     fn driver_name(&self) -> &'static str {
         "file"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    async fn copy_range_to(
+        &self,
+        offset: u64,
+        dst: &dyn BlockDriver,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        match dst.as_any().and_then(|d| d.downcast_ref::<FileDriver>()) {
+            Some(dst) => self
+                .copy_file_range_to(offset, dst, dst_offset, len)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     fn len(&self) -> u64 {

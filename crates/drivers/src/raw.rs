@@ -65,6 +65,10 @@ impl BlockDriver for RawDriver {
         vec![self.file.clone()]
     }
 
+    fn copy_through(&self, offset: u64) -> Option<(Arc<Child>, u64)> {
+        Some((self.file.clone(), self.offset + offset))
+    }
+
     fn writable(&self) -> bool {
         self.writable
     }
