@@ -104,6 +104,11 @@ pub struct Options {
     /// (`cluster / 64`, at least [`MIN_GRAIN`]); the cluster size or more for whole clusters,
     /// as QEMU. Compressed, write-through and discard-source copies use whole clusters.
     pub grain: u64,
+    /// Copy in the kernel where both ends are files (`copy_file_range`; backup
+    /// `x-perf.use-copy-range`): the background copy's data ranges do not pass through
+    /// memory. The first failure turns it off for good and the copy goes on through memory.
+    /// Copies a guest write waits for always read into memory (to let the guest go first).
+    pub use_copy_range: bool,
 }
 
 impl Options {
@@ -117,6 +122,7 @@ impl Options {
             write_through: false,
             discard_source: false,
             grain: 0,
+            use_copy_range: false,
         }
     }
 }
@@ -261,6 +267,9 @@ pub struct BlockCopy {
     closed: AtomicBool,
     /// Guest writes in flight (see [`BlockCopy::guest_request`]).
     guests: AtomicUsize,
+    /// Background copies go through `copy_file_range` ([`Options::use_copy_range`]), until
+    /// it fails once.
+    copy_range: AtomicBool,
 }
 
 /// A guest write in flight, counted while this lives.
@@ -377,6 +386,7 @@ impl BlockCopy {
             skip_unallocated: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             guests: AtomicUsize::new(0),
+            copy_range: AtomicBool::new(opts.use_copy_range && !opts.compress),
         }))
     }
 
@@ -866,6 +876,22 @@ impl BlockCopy {
             .iter()
             .find(|t| t.id == id)
             .map_or(0, |t| t.grains);
+        if !guest && self.copy_range.load(Ordering::Relaxed) {
+            match self.offload(start, end, grains).await {
+                Ok(true) => {
+                    if self.discard_source {
+                        let _ = self.source.discard(start, end.min(self.len) - start).await;
+                    }
+                    self.unclaim(id, false);
+                    return Ok(end - start);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.unclaim(id, true);
+                    return Err(e);
+                }
+            }
+        }
         let pieces = match self.fetch(start, end, guest).await {
             Ok(p) if grains != 0 => {
                 Arc::new(self.keep_grains(align_down(start, self.cluster), grains, p))
@@ -1102,6 +1128,25 @@ impl BlockCopy {
                 content: Content::Data(data),
             }]);
         }
+        let mut pieces = self.plan(start, end, base).await?;
+        for p in pieces.iter_mut() {
+            if let Content::Data(_) = p.content {
+                let data = self.source.read(p.offset, p.len as usize).await?;
+                p.content = Content::Data(data);
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// What `[start, end)` of the source holds, as pieces whose data is not read yet (empty):
+    /// zero ranges, data ranges, and (with `base`) ranges not allocated above it, to skip.
+    async fn plan(
+        &self,
+        start: u64,
+        end: u64,
+        base: Option<Option<Arc<BlockNode>>>,
+    ) -> Result<Vec<Piece>> {
+        let node = self.source.node();
         let mut pieces: Vec<Piece> = Vec::new();
         let mut at = start;
         while at < end {
@@ -1134,13 +1179,65 @@ impl BlockCopy {
             }
             at += n;
         }
-        for p in pieces.iter_mut() {
-            if let Content::Data(_) = p.content {
-                let data = self.source.read(p.offset, p.len as usize).await?;
-                p.content = Content::Data(data);
+        Ok(pieces)
+    }
+
+    /// Copies `[start, end)` (the `grains` of a partial cluster when not 0) with the data ranges
+    /// going through `copy_file_range`, for a task no guest waits for: the task stays in its
+    /// reading phase meanwhile, so a guest write to the range waits for all of it, as in QEMU.
+    /// `Ok(false)`: the pair cannot copy so (offload is now off), copy through memory instead.
+    async fn offload(
+        &self,
+        start: u64,
+        end: u64,
+        grains: u64,
+    ) -> std::result::Result<bool, CopyError> {
+        let base = if self.skip_unallocated.load(Ordering::Relaxed) {
+            Some(top_layer_base(&self.source.node()))
+        } else {
+            None
+        };
+        let read_err = |error| CopyError { read: true, error };
+        let mut pieces = self.plan(start, end, base).await.map_err(read_err)?;
+        if grains != 0 {
+            pieces = self.keep_grains(align_down(start, self.cluster), grains, pieces);
+        }
+        for p in &pieces {
+            if !matches!(p.content, Content::Data(_)) {
+                self.store(std::slice::from_ref(p), false)
+                    .await
+                    .map_err(|error| CopyError { read: false, error })?;
+                continue;
+            }
+            let mut at = p.offset;
+            let end = p.offset + p.len;
+            while at < end {
+                match self
+                    .source
+                    .copy_range_to(at, &self.target, at, end - at)
+                    .await
+                {
+                    Ok(Some(n)) if n > 0 => at += n,
+                    // Not two files, not aligned, or the kernel refused: through memory from
+                    // now on (what was copied is copied again, harmlessly).
+                    _ => {
+                        self.copy_range.store(false, Ordering::Relaxed);
+                        return Ok(false);
+                    }
+                }
             }
         }
-        Ok(pieces)
+        // Counted once all is copied, so a fallback half way counts nothing twice (grains of
+        // a partial cluster are counted by the cluster, in `release`).
+        if grains == 0 {
+            for p in &pieces {
+                self.report(match p.content {
+                    Content::Skip => Progress::Skipped(p.len),
+                    _ => Progress::Copied(p.len),
+                });
+            }
+        }
+        Ok(true)
     }
 
     /// Zero or data for the range at `at`, and how many bytes: whole clusters, a cluster

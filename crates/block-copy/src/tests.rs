@@ -469,3 +469,126 @@ proptest! {
         rt.block_on(run_scenario(sc));
     }
 }
+
+/// An in-memory disk that can copy to another of its kind without passing the bytes through
+/// the caller (`copy_range_to`), counting what it offloaded, or refuse to.
+#[derive(Debug)]
+struct Offloading {
+    inner: Arc<MemDisk>,
+    offloaded: AtomicU64,
+    refuse: bool,
+}
+
+#[async_trait]
+impl BlockDriver for Offloading {
+    fn driver_name(&self) -> &'static str {
+        "offloading"
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        self.inner.write(offset, data, flags).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::data(len, None))
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+    async fn copy_range_to(
+        &self,
+        offset: u64,
+        dst: &dyn BlockDriver,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let Some(dst) = dst.as_any().and_then(|d| d.downcast_ref::<Offloading>()) else {
+            return Ok(None);
+        };
+        if self.refuse || dst.refuse {
+            return Ok(None);
+        }
+        // Like the kernel, copy at most 64 KiB per call.
+        let n = len.min(65536);
+        let data = self
+            .inner
+            .read(offset, BytesMut::zeroed(n as usize))
+            .await?;
+        dst.inner
+            .write(
+                dst_offset,
+                IoVec::from(data.freeze()),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.offloaded.fetch_add(n, Ordering::Relaxed);
+        Ok(Some(n))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_copy_range_offloads_the_background_copy_and_falls_back_once_refused() {
+    let len: u64 = 4 << 20;
+    for refuse in [false, true] {
+        let disk = |refuse| {
+            Arc::new(Offloading {
+                inner: MemDisk::new(len),
+                offloaded: AtomicU64::new(0),
+                refuse,
+            })
+        };
+        let (src, tgt) = (disk(false), disk(refuse));
+        let source = BlockNode::new("src", src.clone());
+        let before: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        source
+            .write(0, IoVec::from(before.clone()), WriteFlags::default())
+            .await
+            .expect("fill");
+        let mut opts = Options::new(65536);
+        opts.use_copy_range = true;
+        let bcs = BlockCopy::new(
+            Child::new(ChildRole::Filtered, source.clone()),
+            Child::new(ChildRole::Root, BlockNode::new("tgt", tgt.clone())),
+            &source,
+            opts,
+        )
+        .expect("block copy");
+        bcs.with_bitmap(|b| b.set_dirty(0, len));
+        let copied = count_copied(&bcs);
+        // A guest write's copy still goes through memory (the guest goes on once it is read).
+        bcs.protect(100, 10).await.expect("protect");
+        source
+            .write(100, IoVec::from(vec![0xee; 10]), WriteFlags::default())
+            .await
+            .expect("guest write");
+        bcs.settled().await;
+        let guest_path = src.offloaded.load(Ordering::Relaxed);
+        assert_eq!(guest_path, 0, "the guest's copy was offloaded");
+        background(&bcs, 4).await;
+        assert_eq!(copied.load(Ordering::Relaxed), len, "refuse={refuse}");
+        assert!(read_all(&tgt.inner).await == before, "refuse={refuse}");
+        let offloaded = src.offloaded.load(Ordering::Relaxed);
+        if refuse {
+            assert_eq!(offloaded, 0);
+        } else {
+            // The rest of the guest's cluster too, around its grain.
+            assert_eq!(offloaded, len - bcs.grain(), "all but the guest's grain");
+        }
+    }
+}

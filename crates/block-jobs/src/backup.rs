@@ -120,6 +120,8 @@ pub struct BackupSpec {
     pub max_chunk: u64,
     /// Smallest copy cluster (0 = none).
     pub min_cluster_size: u64,
+    /// Copy in the kernel where both ends are files (`x-perf.use-copy-range`).
+    pub use_copy_range: bool,
     /// Discard from the source what was copied (push fleecing from a snapshot-access node).
     pub discard_source: bool,
     /// What a failed copy of a guest write does (QEMU 10.1's `on-cbw-error`).
@@ -480,6 +482,7 @@ impl Backup {
             max_chunk: spec.max_chunk,
             discard_source: spec.discard_source,
             on_cbw_error: spec.on_cbw_error,
+            use_copy_range: spec.use_copy_range,
             ..CbwOptions::default()
         };
         let inserted = graph::insert_filter_with(&spec.source, Some(file_spec), |file| {

@@ -1386,3 +1386,84 @@ fn a_slow_target_does_not_hold_up_the_guest_as_in_qemu_storage_daemon() {
         "16 guest writes during a backup into a 50 ms/write target: ours {ours:?}, qsd {theirs:?}"
     );
 }
+
+/// `x-perf.use-copy-range`: between raw files (O_DIRECT) the background copy goes through
+/// `copy_file_range`; into qcow2 it falls back to copying through memory. Either way, under
+/// guest writes, the target is the disk at the command.
+#[test]
+fn use_copy_range_backups_are_the_disk_at_the_command() {
+    for target in ["raw", "qcow2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        common::qemu_img(&["create", "-f", "raw", "a.raw", "16M"], p);
+        common::qemu_img(&["create", "-f", target, "t.img", "16M"], p);
+        qemu_io(
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 6M",
+                "-c",
+                "write -P 0x22 9M 3M",
+                "a.raw",
+            ],
+            p,
+        );
+        std::fs::copy(p.join("a.raw"), p.join("before.raw")).expect("copy");
+        let d = Daemon::start(&common::blockjobd(), &[], dir);
+        let mut c = d.client();
+        let file =
+            |name: &str| json!({"driver": "file", "filename": name, "cache": {"direct": true}});
+        for (cmd, args) in [
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "src", "file": file("a.raw")}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": target, "node-name": "tgt", "file": file("t.img")}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
+            ),
+            (
+                "blockdev-backup",
+                json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                       "speed": 8 << 20, "x-perf": {"use-copy-range": true}}),
+            ),
+        ] {
+            let r = c.cmd(cmd, args);
+            assert_eq!(r, json!({"return": {}}), "{cmd}");
+        }
+        let url = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+        qemu_io(
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 0 1M",
+                "-c",
+                "write -P 0xcd 10M 2M",
+                "-c",
+                "write -P 0xef 15M 64k",
+                &url,
+            ],
+            d.dir.path(),
+        );
+        let mut seen = Vec::new();
+        let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+        assert!(done["data"].get("error").is_none(), "{target}: {done}");
+        assert_eq!(done["data"]["offset"], 16 << 20, "{target}");
+        let dir = quit(&mut c, d);
+        assert_identical(
+            dir.path(),
+            &["-f", "raw", "-F", target, "before.raw", "t.img"],
+            &format!("{target} target differs from the disk at the command"),
+        );
+    }
+}

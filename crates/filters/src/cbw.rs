@@ -62,6 +62,9 @@ pub struct CbwOptions {
     /// Discard what was copied from the source (backup `discard-source`; the `file` edge
     /// then has the policy `CopySourceDiscard`).
     pub discard_source: bool,
+    /// The background copy goes through `copy_file_range` where it can (backup
+    /// `x-perf.use-copy-range`).
+    pub use_copy_range: bool,
 }
 
 /// The copy cluster for `target`: at least 64 KiB and `min_cluster_size`, and at least the
@@ -197,6 +200,7 @@ impl CopyBeforeWrite {
         copy.compress = opts.compress;
         copy.max_chunk = opts.max_chunk;
         copy.discard_source = opts.discard_source;
+        copy.use_copy_range = opts.use_copy_range;
         let bcs = BlockCopy::new(file, target, &node, copy)?;
         let len = bcs.len();
         bcs.with_bitmap(|b| match &opts.bitmap {

@@ -19,6 +19,7 @@ fn spec(source: &Arc<BlockNode>, target: &Arc<BlockNode>, sync: SyncMode) -> Bac
         max_workers: 4,
         max_chunk: 0,
         min_cluster_size: 0,
+        use_copy_range: false,
         discard_source: false,
         on_cbw_error: filters::OnCbwError::BreakGuestWrite,
     }

@@ -21,7 +21,6 @@ use crate::control::Control;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct Perf {
-    #[allow(dead_code)]
     use_copy_range: Option<bool>,
     max_workers: Option<i64>,
     max_chunk: Option<i64>,
@@ -262,6 +261,7 @@ pub(crate) async fn prepare_nodes(
         max_workers: usize::try_from(max_workers).unwrap_or(64),
         max_chunk: u64::try_from(max_chunk).unwrap_or(0),
         min_cluster_size: perf.min_cluster_size.unwrap_or(0),
+        use_copy_range: perf.use_copy_range.unwrap_or(false),
         discard_source: args.discard_source.unwrap_or(false),
         guest_latency_budget: budget,
         on_cbw_error: match args.on_cbw_error.as_deref() {
