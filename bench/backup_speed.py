@@ -10,7 +10,7 @@ Then an incremental: a full backup with a new bitmap, 1 % of the disk rewritten 
 pieces through the NBD export, and a sync=incremental backup into a qcow2, timed the same way.
 
 Usage: bench/backup_speed.py [--runs N] [--size-mib M] [--direct on|off]
-                             [--workers 1,16,64] [--formats raw,qcow2]
+                             [--workers 1,16,64] [--formats raw,qcow2] [--use-copy-range]
 """
 import argparse
 import json
@@ -108,7 +108,9 @@ def full_backup(program, d, a, fmt, workers, size):
     try:
         t0 = time.time()
         q.cmd("blockdev-backup", **{"job-id": "b", "device": "disk", "target": "tgt",
-                                    "sync": "full", "x-perf": {"max-workers": workers}})
+                                    "sync": "full",
+                                    "x-perf": {"max-workers": workers,
+                                               "use-copy-range": a.use_copy_range}})
         q.wait_event("BLOCK_JOB_COMPLETED", "b")
         secs = time.time() - t0
         return a.size_mib / secs, peak_rss_mib(p.pid)
@@ -173,6 +175,8 @@ def main():
     ap.add_argument("--direct", default="on", choices=["on", "off"])
     ap.add_argument("--workers", default="1,16,64")
     ap.add_argument("--formats", default="raw,qcow2")
+    ap.add_argument("--use-copy-range", action="store_true",
+                    help="x-perf.use-copy-range for both daemons (copy_file_range where it can)")
     a = ap.parse_args()
     ours = os.path.join(ROOT, "target", "release", "blockjobd")
     for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
