@@ -1,5 +1,6 @@
 //! Transmission: requests read in order, served concurrently (at most 64 in flight per
-//! connection), replies written whole under one writer lock.
+//! connection, and the data they hold within the server's buffer budget), replies written
+//! whole under one writer lock.
 
 use std::sync::Arc;
 
