@@ -444,3 +444,71 @@ async fn compressed_writes_go_through_the_request_path() {
         "{refused}"
     );
 }
+
+/// Write-zeroes and discard leave the same clusters as QEMU's: write-zeroes marks unallocated
+/// clusters zero (present in `qemu-img map`) with or without unmap, a discard leaves them
+/// alone, and an allocated cluster discarded becomes a zero cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroed_and_discarded_clusters_map_as_qemus() {
+    let dir = tmp();
+    let (ours, theirs) = (p(&dir, "ours.qcow2"), p(&dir, "theirs.qcow2"));
+    for img in [&ours, &theirs] {
+        create_qcow2(img, &CreateOptions::new(8 << 20)).await;
+    }
+    qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 4M 1M",
+            "-c",
+            "write -z 0 1M",
+            "-c",
+            "write -z -u 1M 1M",
+            "-c",
+            "discard 3M 2M",
+            "-c",
+            "discard 6M 1M",
+            s(&theirs),
+        ],
+    );
+    let node = open_rw(&ours).await;
+    node.write(
+        4 << 20,
+        IoVec::from(vec![1u8; 1 << 20]),
+        WriteFlags::default(),
+    )
+    .await
+    .expect("write");
+    node.write_zeroes(0, 1 << 20, ZeroFlags::default())
+        .await
+        .expect("zeroes");
+    let unmap = ZeroFlags {
+        may_unmap: true,
+        ..ZeroFlags::default()
+    };
+    node.write_zeroes(1 << 20, 1 << 20, unmap)
+        .await
+        .expect("zeroes, unmap");
+    node.discard(3 << 20, 2 << 20).await.expect("discard");
+    node.discard(6 << 20, 1 << 20).await.expect("discard");
+    node.close().await.expect("close");
+    check_clean(&ours);
+    // Host offsets aside, the maps are the same.
+    let map = |img| {
+        let v: serde_json::Value =
+            serde_json::from_str(&qemu_ok("qemu-img", &["map", "--output=json", s(img)]))
+                .expect("map json");
+        v.as_array()
+            .expect("extents")
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.as_object_mut().expect("extent").remove("offset");
+                e.to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(map(&ours), map(&theirs));
+}

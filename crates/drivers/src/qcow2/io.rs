@@ -473,7 +473,7 @@ impl Qcow2Driver {
             }
             self.write_explicit_zeroes(a, full_end.min(end) - a).await?;
         } else {
-            self.zero_clusters(a / cs, full_end / cs, flags.may_unmap)
+            self.zero_clusters(a / cs, full_end / cs, flags.may_unmap, false)
                 .await?;
         }
         if full_end < end {
@@ -507,13 +507,15 @@ impl Qcow2Driver {
         if a >= b {
             return Ok(());
         }
-        self.zero_clusters(a, b, true).await
+        self.zero_clusters(a, b, true, true).await
     }
 
-    /// Makes clusters `[c0, c1)` read as zero, as QEMU does for write-zeroes and discard: zero
-    /// clusters on v3 where the backing file or an allocation would otherwise show (v2 can only
-    /// deallocate), keeping the allocation when `may_unmap` is false.
-    async fn zero_clusters(&self, c0: u64, c1: u64, may_unmap: bool) -> Result<()> {
+    /// Makes clusters `[c0, c1)` read as zero, as QEMU does, keeping the allocation when
+    /// `may_unmap` is false (v2 can only deallocate). Write-zeroes (`discard` false) marks
+    /// every cluster a zero cluster on v3, unallocated ones too, so they show as present, as
+    /// QEMU's do (`qemu-img map`); a discard leaves clusters nothing would show through
+    /// unallocated (no backing file), and marks the rest zero.
+    async fn zero_clusters(&self, c0: u64, c1: u64, may_unmap: bool, discard: bool) -> Result<()> {
         let cs = self.cs();
         let l2_span = cs / 8;
         let _excl = self.lock_clusters(c0, c1, LockMode::Exclusive).await;
@@ -523,7 +525,7 @@ impl Qcow2Driver {
         let (mut tables, mut to_free) = (Vec::new(), Vec::new());
         let mut gc = c0;
         while gc < c1 {
-            if !has_backing && meta.l2_missing(gc) {
+            if discard && !has_backing && meta.l2_missing(gc) {
                 gc = (gc / l2_span + 1) * l2_span;
                 continue;
             }
@@ -535,7 +537,11 @@ impl Qcow2Driver {
                     host: Some(h),
                     copied: true,
                 } if !may_unmap => h | COPIED | ZERO,
-                Mapping::Unallocated | Mapping::Zero { host: None, .. } if !has_backing => raw,
+                Mapping::Unallocated | Mapping::Zero { host: None, .. }
+                    if discard && !has_backing =>
+                {
+                    raw
+                }
                 _ => zero_flag,
             };
             if new != raw {
