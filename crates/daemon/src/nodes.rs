@@ -696,9 +696,22 @@ impl Nodes {
             QmpError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
         let parents = entry.node.parents();
-        if parents.iter().any(|p| p.role() == ChildRole::Root) {
-            // A backend (an export, later a job) uses it: QEMU's "has a BlockBackend" case.
+        // A backend uses it (an export, a job's main node): QEMU's "has a BlockBackend" case.
+        // Other nodes a job holds (a backup's target) are QEMU's op blockers, checked next.
+        let backend = |p: &Arc<Child>| {
+            p.role() == ChildRole::Root
+                && !(matches!(p.parent(), Parent::Job { .. }) && p.name() != "main node")
+        };
+        if parents.iter().any(backend) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if let Some(kind) = parents.iter().find_map(|p| match p.parent() {
+            Parent::Job { kind, .. } => Some(kind),
+            _ => None,
+        }) {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: {kind}"
+            )));
         }
         // The newest overlay's blocker is the one QEMU reports.
         if let Some(overlay) = parents

@@ -815,6 +815,8 @@ fn run_busy(program: &Path) -> Vec<String> {
     for id in ["e1", "e3", "e4"] {
         step(&mut c, o, "block-export-del", json!({"id": id}), None);
     }
+    // Without its export, the target is held by the job alone: QEMU's op blocker answers.
+    step(&mut c, o, "blockdev-del", json!({"node-name": "tgt"}), None);
     step(&mut c, o, "job-cancel", json!({"id": "j"}), Some("j"));
     step(&mut c, o, "blockdev-del", json!({"node-name": "tgt"}), None);
     step(
