@@ -24,7 +24,7 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
              [,detect-zeroes=off][,<driver options>]
   --blockdev <JSON>
                             configure a block node (drivers: file, raw, qcow2,
-                            null-co, blkdebug, nbd); runs blockdev-add
+                            null-co, null-aio, blkdebug, nbd); runs blockdev-add
   --chardev socket,id=<id>,path=<file>[,server=on][,wait=on|off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=on|off]
                             a QMP listening socket (unix sockets are mode 0600)

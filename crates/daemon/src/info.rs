@@ -30,6 +30,40 @@ fn backing_depth(node: &Arc<BlockNode>) -> u64 {
     depth
 }
 
+/// Bytes the node's host file takes on disk. A node without a host file of its own (a
+/// filter) reports its primary child's, as QEMU does.
+/// A protocol driver with no host file (nbd, blkdebug) reports none; null reports 0.
+fn actual_size(nodes: &Nodes, entry: &NodeEntry) -> Option<u64> {
+    let node = &entry.node;
+    match node.driver_name() {
+        "null-co" | "null-aio" => return Some(0),
+        "nbd" | "blkdebug" => return None,
+        _ => {}
+    }
+    if let Some(path) = &entry.host_file {
+        return std::fs::metadata(path).ok().map(|md| md.blocks() * 512);
+    }
+    actual_size(nodes, nodes.entry_of(&primary_child(node)?)?)
+}
+
+/// The child a filter passes requests to, or a format's image.
+fn primary_child(node: &BlockNode) -> Option<Arc<BlockNode>> {
+    node.child(ChildRole::Filtered)
+        .or_else(|| node.child(ChildRole::File))
+        .map(|c| c.node())
+}
+
+/// The node that answers for `node`'s driver information (QEMU's `bdrv_get_info`: cluster
+/// size and dirty flag), if any: filters and raw pass the question to their child; nbd,
+/// null and snapshot-access have no answer.
+fn info_node(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
+    match node.driver_name() {
+        "copy-before-write" | "blkdebug" | "raw" => primary_child(node).and_then(|c| info_node(&c)),
+        "nbd" | "null-co" | "null-aio" | "snapshot-access" => None,
+        _ => Some(node.clone()),
+    }
+}
+
 /// ImageInfo of `entry`'s node; with `chain`, the backing images nest as `backing-image`.
 fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     let node = &entry.node;
@@ -38,16 +72,12 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     // QEMU counts node lengths in 512-byte sectors, rounded up.
     m.insert("virtual-size".into(), json!(node.len().div_ceil(512) * 512));
     m.insert("filename".into(), json!(entry.filename));
-    if let Some(cluster) = node.facts().cluster_size {
+    let answers = info_node(node);
+    if let Some(cluster) = answers.as_ref().and_then(|n| n.facts().cluster_size) {
         m.insert("cluster-size".into(), json!(cluster));
     }
     m.insert("format".into(), json!(node.driver_name()));
-    if let Some(size) = entry
-        .host_file
-        .as_ref()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|md| md.blocks() * 512)
-    {
+    if let Some(size) = actual_size(nodes, entry) {
         m.insert("actual-size".into(), json!(size));
     }
     if matches!(node.driver_name(), "qcow2" | "file") {
@@ -61,7 +91,9 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
             json!({"type": node.driver_name(), "data": data}),
         );
     }
-    m.insert("dirty-flag".into(), json!(info.dirty));
+    if let Some(n) = &answers {
+        m.insert("dirty-flag".into(), json!(n.image_info().dirty));
+    }
     if let Some(backing) = backing_of(node) {
         let backing_entry = nodes.entry_of(&backing);
         let full = backing_entry.map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());

@@ -284,7 +284,7 @@ impl Nodes {
             let parent = &name;
             let opened = match driver.as_str() {
                 "file" => self.open_file(opts, own)?,
-                "null-co" => open_null(opts, own),
+                "null-co" | "null-aio" => open_null(opts, own),
                 "raw" => self.open_raw(opts, own, parent, opening).await?,
                 "qcow2" => self.open_qcow2(opts, own, parent, opening).await?,
                 "blkdebug" => self.open_blkdebug(opts, own, parent, opening).await?,
@@ -815,12 +815,18 @@ async fn open_nbd(opts: &BlockdevOptions, own: Inherited) -> QmpResult<Opened> {
     let (target, filename) = match server.map(|s| s.kind.as_str()) {
         Some("unix") => {
             let path = field(|s| &s.path);
-            let uri = format!("nbd+unix:///{export}?socket={path}");
+            let uri = match export {
+                "" => format!("nbd+unix://?socket={path}"),
+                e => format!("nbd+unix:///{e}?socket={path}"),
+            };
             (ConnectTo::Unix(PathBuf::from(path)), uri)
         }
         _ => {
             let (host, port) = (field(|s| &s.host), field(|s| &s.port));
-            let uri = format!("nbd://{host}:{port}/{export}");
+            let uri = match export {
+                "" => format!("nbd://{host}:{port}"),
+                e => format!("nbd://{host}:{port}/{e}"),
+            };
             (ConnectTo::Tcp(host, port), uri)
         }
     };
@@ -845,10 +851,29 @@ async fn open_nbd(opts: &BlockdevOptions, own: Inherited) -> QmpResult<Opened> {
 
 fn open_null(opts: &BlockdevOptions, own: Inherited) -> Opened {
     let size = opts.size.unwrap_or(DEFAULT_NULL_SIZE);
+    let mut driver = NullDriver::new(size).read_only(own.read_only);
+    if opts.driver == "null-aio" {
+        driver = driver.aio();
+    }
+    // Options that change the disk make QEMU spell the node out as JSON (in its order).
+    let name = driver.driver_name();
+    let filename = if opts.size.is_none() && opts.read_zeroes.is_none() {
+        format!("{name}://")
+    } else {
+        let mut fields = Vec::new();
+        if let Some(z) = opts.read_zeroes {
+            fields.push(format!("\"read-zeroes\": {z}"));
+        }
+        fields.push(format!("\"driver\": \"{name}\""));
+        if let Some(size) = opts.size {
+            fields.push(format!("\"size\": {size}"));
+        }
+        format!("json:{{{}}}", fields.join(", "))
+    };
     Opened {
-        driver: Arc::new(NullDriver::new(size).read_only(own.read_only)),
+        filename,
+        driver: Arc::new(driver),
         read_only: own.read_only,
-        filename: "null-co://".into(),
         host_file: None,
         node: None,
         cbw: None,

@@ -389,3 +389,105 @@ fn export_commands_answer_as_qemu_storage_daemon() {
         theirs.join("\n")
     );
 }
+
+/// What `query-named-block-nodes` says of each named node: driver, file name and image
+/// information (sizes, cluster size, dirty flag), with the test directory left out.
+fn node_infos(program: &std::path::Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    qemu_img(&["create", "-f", "raw", "t.raw", "16M"], dir.path());
+    for name in ["t2.raw", "n1.raw", "n2.raw"] {
+        qemu_img(&["create", "-f", "raw", name, "1M"], dir.path());
+    }
+    let root = dir.path().display().to_string();
+    // An NBD server of its own: nbd nodes without an export name, on a unix socket and over
+    // TCP, show QEMU's URIs.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    drop(listener);
+    let serve = |args: &[&str], image: &str| {
+        let child = std::process::Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t"])
+            .args(args)
+            .arg(image)
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        KillOnDrop(child)
+    };
+    let sock = dir.path().join("q.sock").display().to_string();
+    let _unix = serve(&["-k", &sock], "n1.raw");
+    let _tcp = serve(&["-b", "127.0.0.1", "-p", &port], "n2.raw");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !dir.path().join("q.sock").exists()
+        || std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap_or(0))).is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let file = |name: &str| json!({"driver": "file", "filename": name});
+    for args in [
+        json!({"driver": "null-co", "node-name": "n"}),
+        json!({"driver": "null-co", "node-name": "nz", "read-zeroes": true}),
+        json!({"driver": "null-aio", "node-name": "na", "size": 1048576}),
+        json!({"driver": "qcow2", "node-name": "q", "file": file("a.qcow2")}),
+        json!({"driver": "raw", "node-name": "t", "file": file("t.raw")}),
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "q", "target": "t"}),
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+        json!({"driver": "blkdebug", "node-name": "dbg", "image": file("t2.raw")}),
+        json!({"driver": "nbd", "node-name": "nu",
+               "server": {"type": "unix", "path": sock}}),
+        json!({"driver": "nbd", "node-name": "nt",
+               "server": {"type": "inet", "host": "127.0.0.1", "port": port}}),
+        json!({"driver": "raw", "node-name": "rn", "file": "nu"}),
+    ] {
+        let r = c.cmd("blockdev-add", args.clone());
+        assert!(r.get("return").is_some(), "{args}: {r}");
+    }
+    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    let mut out: Vec<String> = nodes["return"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|n| n["node-name"].as_str().is_some_and(|s| !s.starts_with('#')))
+        .map(|n| {
+            let text = format!(
+                "{} {} {} {}",
+                n["node-name"], n["drv"], n["file"], n["image"]
+            );
+            text.replace(&root, "D").replace(&port, "PORT")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A helper process, stopped when the test ends or fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn filter_null_and_nbd_nodes_describe_themselves_as_in_qemu_storage_daemon() {
+    let theirs = node_infos(&qsd());
+    let ours = node_infos(&common::blockjobd());
+    assert_eq!(
+        ours,
+        theirs,
+        "\nours:\n{}\n\nqsd:\n{}",
+        ours.join("\n"),
+        theirs.join("\n")
+    );
+}

@@ -79,6 +79,7 @@ fn greeting_negotiation_and_introspection() {
             "copy-before-write",
             "file",
             "nbd",
+            "null-aio",
             "null-co",
             "qcow2",
             "raw",

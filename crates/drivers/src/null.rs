@@ -1,4 +1,4 @@
-//! The `null-co` driver: a disk of a given size that stores nothing (for tests and benchmarks).
+//! The `null-co` and `null-aio` drivers (the same here): a disk of a given size that stores nothing (for tests and benchmarks).
 //!
 //! Unlike QEMU's default (`read-zeroes=off` leaves buffers untouched), reads always return
 //! zeroes: handing out uninitialised memory is never what a user wants.
@@ -15,6 +15,7 @@ pub const DEFAULT_NULL_SIZE: u64 = 1 << 30;
 pub struct NullDriver {
     size: u64,
     writable: bool,
+    name: &'static str,
 }
 
 impl NullDriver {
@@ -23,7 +24,14 @@ impl NullDriver {
         Self {
             size,
             writable: true,
+            name: "null-co",
         }
+    }
+
+    /// The same disk under QEMU's other name for it, `null-aio`.
+    pub fn aio(mut self) -> Self {
+        self.name = "null-aio";
+        self
     }
 
     /// The same disk, refusing writes when `read_only`.
@@ -36,7 +44,7 @@ impl NullDriver {
 #[async_trait]
 impl BlockDriver for NullDriver {
     fn driver_name(&self) -> &'static str {
-        "null-co"
+        self.name
     }
     fn len(&self) -> u64 {
         self.size
