@@ -247,6 +247,11 @@ impl Child {
         self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Announces `event` to the node below (see [`BlockDriver::debug_event`]).
+    pub fn debug_event(&self, event: crate::DebugEvent) {
+        self.node().driver.debug_event(event);
+    }
+
     /// Points the edge at `new`. Callers hold a drained section on the old node.
     pub(crate) fn repoint(self: &Arc<Self>, new: &Arc<BlockNode>) {
         let old = {

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 
 use crate::buf::IoVec;
 use crate::error::Result;
-use crate::node::Child;
+use crate::node::{Child, ChildRole};
 use crate::perm::EdgePerm;
 
 /// Facts a driver states about itself; the request path obeys them.
@@ -293,6 +293,30 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+
+    /// A format driver above announces what it is about to do with this node (QEMU's
+    /// `bdrv_debug_event`). Only `blkdebug` acts on it; every other driver passes it to its
+    /// primary child (the filtered one, else `file`), so it reaches a blkdebug node below.
+    fn debug_event(&self, event: DebugEvent) {
+        let children = self.children();
+        let primary = children
+            .iter()
+            .find(|c| c.role() == ChildRole::Filtered)
+            .or_else(|| children.iter().find(|c| c.role() == ChildRole::File));
+        if let Some(child) = primary {
+            child.debug_event(event);
+        }
+    }
+}
+
+/// What a format driver announces to the node below it before a request (QEMU's blkdebug
+/// events); `blkdebug` rules fire on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// About to read guest data (`read_aio`).
+    ReadAio,
+    /// About to write guest data (`write_aio`).
+    WriteAio,
 }
 
 /// Capability: writing whole clusters compressed.

@@ -34,7 +34,8 @@ pub mod testing;
 
 pub use backend::BlockBackend;
 pub use buf::IoVec;
-pub use driver::{BlockDriver, BlockStatus, Facts, ImageInfo, InfoValue, WriteFlags, ZeroFlags};
+pub use driver::{BlockDriver, BlockStatus, DebugEvent, Facts, ImageInfo, InfoValue};
+pub use driver::{WriteFlags, ZeroFlags};
 pub use error::{BlockError, ErrorKind, Result, ResultExt};
 pub use node::{BitmapHandle, BlockNode, Child, ChildRole, EdgeSpec};
 pub use perm::{EdgePerm, Parent, Perm, PermPolicy};

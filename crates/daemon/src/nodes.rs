@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
 use block::{Parent, PermPolicy};
-use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError};
+use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError, IoType};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
@@ -892,6 +892,15 @@ fn inject_rule(m: &InjectRule) -> InjectError {
             .unwrap_or(libc::EIO),
         sector: m.sector.and_then(|s| u64::try_from(s).ok()),
         once: m.once.unwrap_or(false),
+        iotypes: match m.iotype.as_deref() {
+            Some("read") => IoType::Read.mask(),
+            Some("write") => IoType::Write.mask(),
+            Some("write-zeroes") => IoType::WriteZeroes.mask(),
+            Some("discard") => IoType::Discard.mask(),
+            Some("flush") => IoType::Flush.mask(),
+            Some("block-status") => IoType::BlockStatus.mask(),
+            _ => IoType::DEFAULT,
+        },
     }
 }
 

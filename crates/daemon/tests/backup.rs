@@ -966,6 +966,84 @@ fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
     );
 }
 
+/// Where a blkdebug node sits decides whether its rules fire, as in QEMU: as the target
+/// itself nothing announces `write_aio` to it and the backup succeeds; under a raw format
+/// the rule fires (`once`: the job stops, is resumed and completes); an `iotype` that the
+/// target never sees injects nothing.
+fn run_blkdebug_placement(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    for name in ["t1.raw", "t2.raw", "t3.raw"] {
+        common::qemu_img(&["create", "-f", "raw", name, "16M"], dir.path());
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let debug = |name: &str, file: &str, rule: Value| {
+        json!({"driver": "blkdebug", "node-name": name, "inject-error": [rule],
+               "image": {"driver": "file", "filename": file}})
+    };
+    let backup = |id: &str, target: &str| {
+        json!({"job-id": id, "device": "src", "target": target, "sync": "full",
+               "on-target-error": "stop"})
+    };
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    let top = debug("top", "t1.raw", json!({"event": "write_aio", "errno": 5}));
+    step(&mut c, o, "blockdev-add", top, None);
+    step(
+        &mut c,
+        o,
+        "blockdev-backup",
+        backup("j1", "top"),
+        Some("j1"),
+    );
+    let once = json!({"event": "write_aio", "errno": 28, "sector": 4096, "once": true});
+    step(&mut c, o, "blockdev-add", debug("d2", "t2.raw", once), None);
+    let raw = |name: &str, file: &str| json!({"driver": "raw", "node-name": name, "file": file});
+    step(&mut c, o, "blockdev-add", raw("r2", "d2"), None);
+    c.execute("blockdev-backup", backup("j2", "r2"));
+    let mut seen = Vec::new();
+    let error = wait_event(&mut c, "BLOCK_JOB_ERROR", &mut seen);
+    o.push(format!("j2 error {}", canon(&error["data"])));
+    // The job stops at its next pause point; resume it once it is paused.
+    loop {
+        let jobs = c.cmd("query-jobs", json!({}));
+        if jobs["return"][0]["status"] == "paused" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    step(&mut c, o, "job-resume", json!({"id": "j2"}), Some("j2"));
+    let reads = json!({"event": "write_aio", "iotype": "read", "errno": 5});
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        debug("d3", "t3.raw", reads),
+        None,
+    );
+    step(&mut c, o, "blockdev-add", raw("r3", "d3"), None);
+    step(&mut c, o, "blockdev-backup", backup("j3", "r3"), Some("j3"));
+    drop(c);
+    for t in ["t1.raw", "t2.raw", "t3.raw"] {
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw", "a.qcow2", t])
+            .current_dir(d.dir.path())
+            .output()
+            .expect("qemu-img compare");
+        o.push(format!("{t} equals the source: {}", cmp.status.success()));
+    }
+    out
+}
+
+#[test]
+fn blkdebug_rules_fire_where_qemus_do() {
+    let ours = run_blkdebug_placement(&common::blockjobd());
+    let theirs = run_blkdebug_placement(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 /// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
 /// write whose old data cannot be read fails under break-guest-write and goes on under
 /// break-snapshot.
@@ -976,10 +1054,16 @@ fn guest_write_with_failing_copy(mode: &str) -> bool {
     let mut c = d.client();
     for (cmd, args) in [
         ("blockdev-add", qcow2("disk", "a.qcow2")),
+        // blkdebug acts on what a format above announces: raw over it, as in QEMU.
         (
             "blockdev-add",
-            json!({"driver": "blkdebug", "node-name": "src", "image": "disk",
-                   "inject-error": [{"event": "read_aio", "errno": 5, "sector": 30720}]}),
+            json!({"driver": "blkdebug", "node-name": "dbg", "image": "disk",
+                   "inject-error": [{"event": "read_aio", "iotype": "read", "errno": 5,
+                                     "sector": 30720}]}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "src", "file": "dbg"}),
         ),
         ("blockdev-add", qcow2("tgt", "t.qcow2")),
         (

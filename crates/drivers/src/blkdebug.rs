@@ -1,13 +1,16 @@
 //! The `blkdebug` filter: passes I/O to its `image` child and fails the requests its rules
 //! match, for rehearsing error handling (jobs' `on-error`, exports' errnos).
 //!
-//! A rule names an event, `read_aio` (reads) or `write_aio` (writes, write-zeroes and
-//! discards), an errno (default EIO), an optional sector (512-byte unit; the rule matches
-//! requests overlapping it), and `once` (the rule is removed after it fired). Rules fire on
-//! the I/O that reaches this node, whoever sends it. QEMU fires these events only when a
-//! format driver above reads or writes data through blkdebug, so a blkdebug node at the top
-//! of a graph injects nothing there; here it does. `immediately` is accepted: errors are
-//! always returned at once.
+//! As in QEMU, a rule names an event, `read_aio` or `write_aio`, that a format driver above
+//! announces before it reads or writes guest data through this node (raw and qcow2 do;
+//! filters pass the announcement down; a job, an export or a filter sending its own I/O does
+//! not). The event makes its rules active, replacing the rules an earlier event made active;
+//! an active rule then fails every read, write, write-zeroes, discard and flush that reaches
+//! this node, whoever sends it, until a later event with rules replaces it, or, with `once`,
+//! after it fired. A rule with a `sector` (512-byte unit) only fails requests that contain the
+//! start of that sector, and one with an `iotype` only that kind of request. So a blkdebug
+//! node with nothing above it injects nothing.
+//! `immediately` is accepted: errors are always returned at once.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -17,14 +20,7 @@ use block::{BlockDriver, BlockError, BlockStatus, Child, Facts, IoVec, Result};
 use block::{WriteFlags, ZeroFlags};
 use bytes::BytesMut;
 
-/// What a rule reacts to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DebugEvent {
-    /// A read request.
-    ReadAio,
-    /// A write, write-zeroes or discard request.
-    WriteAio,
-}
+pub use block::DebugEvent;
 
 /// One `inject-error` rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,17 +29,54 @@ pub struct InjectError {
     pub event: DebugEvent,
     /// The errno the request fails with.
     pub errno: i32,
-    /// Only requests overlapping this 512-byte sector (`None`: every request).
+    /// Only requests holding the start of this 512-byte sector (`None`: every request).
     pub sector: Option<u64>,
     /// Remove the rule after it fired once.
     pub once: bool,
+    /// The kinds of request it fails ([`IoType::mask`]s; [`IoType::DEFAULT`] unless given).
+    pub iotypes: u8,
+}
+
+/// A kind of request, for a rule's `iotype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoType {
+    /// Reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Write-zeroes.
+    WriteZeroes,
+    /// Discards.
+    Discard,
+    /// Flushes.
+    Flush,
+    /// Block-status queries.
+    BlockStatus,
+}
+
+impl IoType {
+    /// What a rule fails when it names no `iotype`: everything but block-status queries.
+    pub const DEFAULT: u8 = 0b01_1111;
+
+    /// The kind's bit.
+    pub fn mask(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+#[derive(Debug, Default)]
+struct Rules {
+    /// Every rule, in the order given.
+    all: Vec<InjectError>,
+    /// Indices into `all` of the active rules, in the order given: the first match fires.
+    active: Vec<usize>,
 }
 
 /// The blkdebug filter.
 #[derive(Debug)]
 pub struct BlkdebugDriver {
     image: Arc<Child>,
-    rules: Mutex<Vec<InjectError>>,
+    rules: Mutex<Rules>,
     writable: bool,
 }
 
@@ -52,27 +85,42 @@ impl BlkdebugDriver {
     pub fn new(image: Arc<Child>, rules: Vec<InjectError>, writable: bool) -> Self {
         Self {
             image,
-            rules: Mutex::new(rules),
+            rules: Mutex::new(Rules {
+                all: rules,
+                active: Vec::new(),
+            }),
             writable,
         }
     }
 
-    /// Fails the request when a rule matches it.
-    fn check(&self, event: DebugEvent, offset: u64, len: u64) -> Result<()> {
-        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = rules.iter().position(|r| {
-            r.event == event
-                && r.sector.is_none_or(|s| {
+    fn rules(&self) -> std::sync::MutexGuard<'_, Rules> {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails the request when an active rule matches it (`len` 0: a flush).
+    fn check(&self, kind: IoType, offset: u64, len: u64) -> Result<()> {
+        let mut rules = self.rules();
+        let hit = rules.active.iter().position(|&i| {
+            let rule = &rules.all[i];
+            rule.iotypes & kind.mask() != 0
+                && rule.sector.is_none_or(|s| {
                     let start = s.saturating_mul(512);
-                    start < offset.saturating_add(len.max(1)) && offset < start.saturating_add(512)
+                    len > 0 && start >= offset && start - offset < len
                 })
         });
-        let Some(i) = hit else {
+        let Some(at) = hit else {
             return Ok(());
         };
-        let rule = rules[i].clone();
+        let index = rules.active[at];
+        let rule = rules.all[index].clone();
         if rule.once {
-            rules.remove(i);
+            rules.active.remove(at);
+            rules.all.remove(index);
+            for i in rules.active.iter_mut() {
+                if *i > index {
+                    *i -= 1;
+                }
+            }
         }
         Err(BlockError::io(
             format!("blkdebug: injected error at offset {offset}"),
@@ -103,28 +151,39 @@ impl BlockDriver for BlkdebugDriver {
     fn writable(&self) -> bool {
         self.writable
     }
+    fn debug_event(&self, event: DebugEvent) {
+        let mut rules = self.rules();
+        let fired: Vec<usize> = (0..rules.all.len())
+            .filter(|&i| rules.all[i].event == event)
+            .collect();
+        if !fired.is_empty() {
+            rules.active = fired;
+        }
+    }
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        self.check(DebugEvent::ReadAio, offset, buf.len() as u64)?;
+        self.check(IoType::Read, offset, buf.len() as u64)?;
         self.image.read_into(offset, buf).await
     }
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
-        self.check(DebugEvent::WriteAio, offset, data.len() as u64)?;
+        self.check(IoType::Write, offset, data.len() as u64)?;
         self.image.write(offset, data, flags).await
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.check(DebugEvent::WriteAio, offset, len)?;
+        self.check(IoType::WriteZeroes, offset, len)?;
         self.image.write_zeroes(offset, len, flags).await
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(DebugEvent::WriteAio, offset, len)?;
+        self.check(IoType::Discard, offset, len)?;
         self.image.discard(offset, len).await
     }
     async fn flush(&self) -> Result<()> {
+        self.check(IoType::Flush, 0, 0)?;
         self.image.flush().await
     }
     /// The image's own status, host offsets included (they are offsets in the image's file,
     /// which the map finds through this filter).
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check(IoType::BlockStatus, offset, len)?;
         self.image.block_status(offset, len).await
     }
 }
@@ -142,25 +201,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rules_fail_matching_requests() {
+    async fn rules_fail_requests_once_their_event_fired() {
         let bd = node(vec![
             InjectError {
                 event: DebugEvent::ReadAio,
                 errno: libc::ENOSPC,
                 sector: Some(8),
                 once: true,
+                iotypes: IoType::DEFAULT,
             },
             InjectError {
                 event: DebugEvent::WriteAio,
                 errno: libc::EIO,
                 sector: None,
                 once: false,
+                iotypes: IoType::DEFAULT,
             },
         ]);
+        // A format above announces its requests through its edge.
+        let above = Child::new(ChildRole::File, bd.clone());
+        // Nothing announced yet: every request passes.
+        bd.read(4096, 512).await.expect("no event yet");
+        bd.write(0, IoVec::from(vec![1u8; 512]), WriteFlags::default())
+            .await
+            .expect("no event yet");
+        above.debug_event(DebugEvent::ReadAio);
         bd.read(0, 512).await.expect("sector 0 is fine");
-        let e = bd.read(4000, 200).await.expect_err("overlaps sector 8");
+        bd.read(4608, 512).await.expect("sector 9 is fine");
+        let e = bd
+            .read(4000, 512)
+            .await
+            .expect_err("holds sector 8's start");
         assert_eq!(e.errno(), libc::ENOSPC);
         bd.read(4096, 512).await.expect("once: gone");
+        above.debug_event(DebugEvent::ReadAio);
+        bd.read(4096, 512).await.expect("gone for good");
+        above.debug_event(DebugEvent::WriteAio);
         for _ in 0..2 {
             let e = bd
                 .write(0, IoVec::from(vec![1u8; 512]), WriteFlags::default())
@@ -168,8 +244,28 @@ mod tests {
                 .expect_err("every write");
             assert_eq!(e.errno(), libc::EIO);
         }
+        // An active rule fails whatever reaches the node.
         assert!(bd.write_zeroes(0, 512, ZeroFlags::default()).await.is_err());
         assert!(bd.discard(0, 512).await.is_err());
-        bd.flush().await.expect("flush passes");
+        assert!(bd.read(0, 512).await.is_err());
+        assert!(bd.flush().await.is_err());
+        bd.block_status(0, 512).await.expect("not by default");
+    }
+
+    #[tokio::test]
+    async fn an_iotype_limits_a_rule_to_one_kind_of_request() {
+        let bd = node(vec![InjectError {
+            event: DebugEvent::ReadAio,
+            errno: libc::EIO,
+            sector: None,
+            once: false,
+            iotypes: IoType::Read.mask(),
+        }]);
+        Child::new(ChildRole::File, bd.clone()).debug_event(DebugEvent::ReadAio);
+        assert!(bd.read(0, 512).await.is_err());
+        bd.write(0, IoVec::from(vec![1u8; 512]), WriteFlags::default())
+            .await
+            .expect("only reads fail");
+        bd.flush().await.expect("only reads fail");
     }
 }

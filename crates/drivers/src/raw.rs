@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use block::{BlockDriver, BlockError, BlockStatus, Child, Facts, IoVec, Result};
-use block::{WriteFlags, ZeroFlags};
+use block::{DebugEvent, WriteFlags, ZeroFlags};
 use bytes::BytesMut;
 
 /// A raw image over a `file` child.
@@ -74,10 +74,12 @@ impl BlockDriver for RawDriver {
     }
 
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.file.debug_event(DebugEvent::ReadAio);
         self.file.read_into(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        self.file.debug_event(DebugEvent::WriteAio);
         self.file.write(self.offset + offset, data, flags).await
     }
 

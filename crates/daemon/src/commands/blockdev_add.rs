@@ -42,6 +42,8 @@ pub struct InjectRule {
     pub sector: Option<i64>,
     /// Fire once.
     pub once: Option<bool>,
+    /// The one kind of request the rule fails (default: all but block-status).
+    pub iotype: Option<String>,
     /// Accepted, as QEMU's.
     #[allow(dead_code)]
     pub immediately: Option<bool>,
@@ -213,12 +215,24 @@ pub(crate) fn schema(s: &mut Schema) {
             &["file:BlockdevRef", "*backing:BlockdevRefOrNull"],
         )
         .enumeration("BlkdebugEvent", &["read_aio", "write_aio"])
+        .enumeration(
+            "BlkdebugIOType",
+            &[
+                "read",
+                "write",
+                "write-zeroes",
+                "discard",
+                "flush",
+                "block-status",
+            ],
+        )
         .object(
             "BlkdebugInjectErrorOptions",
             &[
                 "event:BlkdebugEvent",
                 "*errno:int",
                 "*sector:int",
+                "*iotype:BlkdebugIOType",
                 "*once:bool",
                 "*immediately:bool",
             ],

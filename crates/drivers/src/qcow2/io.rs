@@ -6,7 +6,7 @@
 //! is in flight to or from it. The metadata mutex is held only to look up and update tables.
 
 use block::range_lock::LockMode;
-use block::{BlockError, BlockStatus, IoVec, Result, WriteFlags, ZeroFlags};
+use block::{BlockError, BlockStatus, DebugEvent, IoVec, Result, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
 use super::compress;
@@ -129,7 +129,10 @@ impl Qcow2Driver {
 
     async fn fill(&self, seg: Segment, mut piece: BytesMut) -> Result<BytesMut> {
         match seg.src {
-            Source::Host(h) => self.file.read_into(h, piece).await,
+            Source::Host(h) => {
+                self.file.debug_event(DebugEvent::ReadAio);
+                self.file.read_into(h, piece).await
+            }
             Source::Zero => {
                 piece.fill(0);
                 Ok(piece)
@@ -355,6 +358,7 @@ impl Qcow2Driver {
             {
                 vec.push(self.old_content(last, old[j - 1], end, g1 * cs).await?);
             }
+            self.file.debug_event(DebugEvent::WriteAio);
             self.file.write(host, vec, WriteFlags::default()).await?;
             i = j;
         }
