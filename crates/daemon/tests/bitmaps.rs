@@ -604,3 +604,37 @@ fn transactions_share_a_point_in_time_under_writes() {
     };
     assert_eq!(sha(&mut c, "b0"), sha(&mut c, "b20"));
 }
+
+/// qemu-storage-daemon 10.0.2 crashes (SIGSEGV) on a transaction whose
+/// `block-dirty-bitmap-enable` names a bitmap that does not exist; we answer its error and undo
+/// the actions before it.
+#[test]
+fn a_transaction_enabling_a_missing_bitmap_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    qemu_img(&["create", "-f", "raw", "d.raw", "1M"], dir.path());
+    let d = Daemon::start(
+        &common::blockjobd(),
+        &[
+            "--blockdev".to_owned(),
+            "driver=file,filename=d.raw,node-name=d".to_owned(),
+        ],
+        dir,
+    );
+    let mut c = d.client();
+    let ok = json!({"return": {}});
+    let r = c.cmd("block-dirty-bitmap-add", json!({"node": "d", "name": "b0"}));
+    assert_eq!(r, ok);
+    let r = c.cmd(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-remove", "data": {"node": "d", "name": "b0"}},
+            {"type": "block-dirty-bitmap-enable", "data": {"node": "d", "name": "nope"}}
+        ]}),
+    );
+    assert_eq!(r["error"]["desc"], "Dirty bitmap 'nope' not found", "{r}");
+    let r = c.cmd(
+        "block-dirty-bitmap-clear",
+        json!({"node": "d", "name": "b0"}),
+    );
+    assert_eq!(r, ok, "the removal was undone");
+}
