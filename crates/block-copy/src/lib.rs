@@ -841,8 +841,15 @@ impl BlockCopy {
         held: Option<oneshot::Sender<Result<()>>>,
     ) -> CopyTask {
         let this = self.clone();
+        // Only a guest write waits for a task it claimed; the others are background I/O.
+        let background = held.is_none();
+        let task = async move { this.run_task(id, start, end, held).await };
         tokio::spawn(block::drain::carry(async move {
-            this.run_task(id, start, end, held).await
+            if background {
+                block::io_class::background(task).await
+            } else {
+                task.await
+            }
         }))
     }
 
@@ -934,9 +941,11 @@ impl BlockCopy {
             Err(e) => {
                 if let Some(permit) = self.strand_or_redirty(id, permit, &e) {
                     let this = self.clone();
-                    tokio::spawn(block::drain::carry(async move {
-                        this.retry(id, pieces, !partial, permit).await;
-                    }));
+                    tokio::spawn(block::drain::carry(block::io_class::background(
+                        async move {
+                            this.retry(id, pieces, !partial, permit).await;
+                        },
+                    )));
                 }
                 if let Some(tx) = held.take() {
                     let _ = tx.send(Err(e.clone()));

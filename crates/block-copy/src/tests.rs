@@ -592,3 +592,83 @@ async fn use_copy_range_offloads_the_background_copy_and_falls_back_once_refused
         }
     }
 }
+
+/// A source that notes, for each read, whether it ran as background I/O.
+#[derive(Debug)]
+struct Marking {
+    inner: Arc<MemDisk>,
+    reads: Mutex<Vec<(u64, bool)>>,
+}
+
+#[async_trait]
+impl BlockDriver for Marking {
+    fn driver_name(&self) -> &'static str {
+        "marking"
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        let background = block::io_class::is_background();
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((offset, background));
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        self.inner.write(offset, data, flags).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn block_status(&self, _: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::data(len, None))
+    }
+}
+
+/// The background copy's reads are background I/O (the file driver keeps them out of the
+/// guest's way); the read a guest write waits for is not.
+#[tokio::test]
+async fn only_the_background_copy_is_background_io() {
+    let len = 1 << 20;
+    let marking = Arc::new(Marking {
+        inner: MemDisk::new(len),
+        reads: Mutex::new(Vec::new()),
+    });
+    let source = BlockNode::new("src", marking.clone());
+    let target = BlockNode::new("tgt", MemDisk::new(len));
+    let bcs = BlockCopy::new(
+        Child::new(ChildRole::Filtered, source.clone()),
+        Child::new(ChildRole::Root, target),
+        &source,
+        Options::new(65536),
+    )
+    .expect("block copy");
+    bcs.with_bitmap(|b| b.set_dirty(0, len));
+    bcs.protect(0, 4096).await.expect("protect");
+    background(&bcs, 4).await;
+    let reads = marking
+        .reads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert_eq!(
+        reads.first(),
+        Some(&(0, false)),
+        "the guest's read: {reads:?}"
+    );
+    assert!(
+        reads.len() > 1 && reads[1..].iter().all(|&(_, bg)| bg),
+        "{reads:?}"
+    );
+}

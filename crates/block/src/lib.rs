@@ -24,6 +24,7 @@ pub mod drain;
 pub mod driver;
 pub mod error;
 pub mod graph;
+pub mod io_class;
 pub mod map;
 pub mod node;
 pub mod perm;

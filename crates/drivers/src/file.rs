@@ -493,7 +493,13 @@ impl BlockDriver for FileDriver {
     }
 
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        let read = match &self.read_hint {
+        // Background reads (a job's copy) are mostly cold: they neither ask the cache on the
+        // runtime's thread nor count against the guest's hits.
+        let hint = self
+            .read_hint
+            .as_ref()
+            .filter(|_| !block::io_class::is_background());
+        let read = match hint {
             Some(hint) => {
                 self.engine
                     .read_at_cached_first(hint, &self.fd, offset, buf, self.align())
@@ -690,5 +696,41 @@ mod tests {
             (2 << 20) + 4096
         );
         assert_eq!(driver.len(), (2 << 20) + 4096);
+    }
+
+    /// A job's cold background reads leave the guest's cached-read hint alone.
+    #[tokio::test]
+    async fn background_reads_do_not_count_in_the_cached_read_hint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).expect("create");
+        file.write_all_at(&vec![0x5a; 1 << 20], 0).expect("write");
+        file.sync_all().expect("sync");
+        let driver = FileDriver::open(FileOptions {
+            aio: Some(Aio::Threads),
+            ..FileOptions::new(&path)
+        })
+        .expect("open");
+        let misses = |d: &FileDriver| {
+            d.read_hint
+                .as_ref()
+                .map(CacheHint::misses)
+                .expect("buffered reads have a hint")
+        };
+        let cold = |d: &FileDriver| {
+            // SAFETY: plain advice on a valid descriptor; no memory is involved.
+            unsafe { libc::posix_fadvise(d.fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        };
+        // Synced data dropped from the page cache: every read misses.
+        for i in 0..CacheHint::MISS_RUN as u64 {
+            cold(&driver);
+            block::io_class::background(driver.read(i * 65536, BytesMut::zeroed(65536)))
+                .await
+                .expect("read");
+        }
+        assert_eq!(misses(&driver), 0, "background reads counted");
+        cold(&driver);
+        driver.read(0, BytesMut::zeroed(65536)).await.expect("read");
+        assert_eq!(misses(&driver), 1, "a guest read counts");
     }
 }

@@ -195,6 +195,8 @@ struct Queue {
 #[derive(Default)]
 struct QueueState {
     jobs: VecDeque<Job>,
+    /// Background jobs ([`block::io_class`]): a worker takes one only when `jobs` is empty.
+    background: VecDeque<Job>,
     /// Workers waiting for a job.
     idle: usize,
     /// Workers started so far.
@@ -211,7 +213,7 @@ impl Queue {
     fn worker(&self) {
         let mut st = self.lock();
         loop {
-            if let Some(job) = st.jobs.pop_front() {
+            if let Some(job) = st.jobs.pop_front().or_else(|| st.background.pop_front()) {
                 drop(st);
                 job();
                 st = self.lock();
@@ -263,8 +265,13 @@ impl ThreadPoolEngine {
     /// Queues `job`, waking an idle worker or starting one when every worker is busy.
     fn submit(&self, job: Job) -> io::Result<()> {
         count_request();
+        let background = block::io_class::is_background();
         let mut st = self.queue.lock();
-        st.jobs.push_back(job);
+        if background {
+            st.background.push_back(job);
+        } else {
+            st.jobs.push_back(job);
+        }
         if st.idle > 0 {
             drop(st);
             self.queue.ready.notify_one();
@@ -285,6 +292,7 @@ impl ThreadPoolEngine {
             if st.started == 0 {
                 // Nobody will run the queued jobs: fail them (their reply channels drop).
                 st.jobs.clear();
+                st.background.clear();
                 return Err(e);
             }
         }
@@ -578,6 +586,11 @@ impl CacheHint {
         self.misses.load(Ordering::Relaxed) < Self::MISS_RUN
             || self.skipped.fetch_add(1, Ordering::Relaxed) % Self::PROBE_EVERY
                 == Self::PROBE_EVERY - 1
+    }
+
+    /// Misses in a row so far (at most [`CacheHint::MISS_RUN`]).
+    pub fn misses(&self) -> u32 {
+        self.misses.load(Ordering::Relaxed)
     }
 
     fn record(&self, hit: bool) {
@@ -890,6 +903,55 @@ pub(super) mod tests {
         assert_eq!(asked, 10);
         hint.record(true);
         assert!((0..100).all(|_| hint.should_try()), "a hit asks again");
+    }
+
+    /// Background jobs wait while guest jobs are queued: a guest request is never queued
+    /// behind a job's copy.
+    #[tokio::test]
+    async fn guest_jobs_run_before_queued_background_jobs() {
+        let engine = Arc::new(ThreadPoolEngine::new(1));
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let busy = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .run(move || {
+                        let _ = blocked.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        while engine.queue.lock().idle > 0 || engine.queue.lock().started == 0 {
+            tokio::task::yield_now().await;
+        }
+        let job = |name: &'static str| {
+            let engine = engine.clone();
+            let order = order.clone();
+            async move {
+                engine
+                    .run(move || {
+                        order.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+                        Ok(())
+                    })
+                    .await
+            }
+        };
+        let copy = tokio::spawn(block::io_class::background(job("background")));
+        while engine.queue.lock().background.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let guest = tokio::spawn(job("guest"));
+        while engine.queue.lock().jobs.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("release");
+        for t in [busy, copy, guest] {
+            t.await.expect("join").expect("job");
+        }
+        let order = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(order, ["guest", "background"]);
     }
 
     #[tokio::test]
