@@ -637,22 +637,31 @@ fn pread_full(fd: RawFd, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     while done < buf.len() {
         let rest = &mut buf[done..];
         // SAFETY: `rest` is a valid, exclusively borrowed buffer of `rest.len()` bytes.
-        let n = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), offset as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = retry_interrupted(|| unsafe {
+            libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), offset as i64)
+        })?;
         if n == 0 {
             rest.fill(0);
             break;
         }
-        done += n as usize;
+        done += n;
         offset += n as u64;
     }
     Ok(())
+}
+
+/// Runs a system call returning a byte count, again while a signal interrupts it.
+fn retry_interrupted(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 fn pwrite_full(fd: RawFd, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
@@ -669,21 +678,16 @@ fn pwrite_full(fd: RawFd, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
     while first < iov.len() {
         let count = (iov.len() - first).min(IOV_MAX);
         // SAFETY: every iovec points into a buffer borrowed for the duration of this call.
-        let n = unsafe { libc::pwritev(fd, iov[first..].as_ptr(), count as i32, offset as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = retry_interrupted(|| unsafe {
+            libc::pwritev(fd, iov[first..].as_ptr(), count as i32, offset as i64)
+        })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "pwritev wrote nothing",
             ));
         }
-        let mut n = n as usize;
+        let mut n = n;
         offset += n as u64;
         while n > 0 && first < iov.len() {
             let len = iov[first].iov_len;
