@@ -20,12 +20,26 @@ fn backing_of(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
     node.child(ChildRole::Backing).map(|c| c.node())
 }
 
+/// Whether QEMU treats the node's driver as a filter (its image chain goes on through the
+/// filtered child).
+fn is_filter(node: &BlockNode) -> bool {
+    matches!(node.driver_name(), "copy-before-write" | "blkdebug")
+}
+
+/// The next image down the chain: the backing file, or a filter's child.
+fn chain_next(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
+    if is_filter(node) {
+        return primary_child(node);
+    }
+    backing_of(node)
+}
+
 fn backing_depth(node: &Arc<BlockNode>) -> u64 {
     let mut depth = 0;
-    let mut at = backing_of(node);
+    let mut at = chain_next(node);
     while let Some(n) = at {
         depth += 1;
-        at = backing_of(&n);
+        at = chain_next(&n);
     }
     depth
 }
@@ -111,6 +125,11 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
             }
         }
     }
+    if chain && is_filter(node) {
+        if let Some(entry) = primary_child(node).and_then(|c| nodes.entry_of(&c)) {
+            m.insert("backing-image".into(), image_info(nodes, entry, true));
+        }
+    }
     Value::Object(m)
 }
 
@@ -128,7 +147,9 @@ pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value 
             .map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());
         m.insert("backing_file".into(), json!(name));
     }
-    m.insert("backing_file_depth".into(), json!(backing_depth(node)));
+    // QEMU counts the chain only while gathering it: flat answers say 0.
+    let depth = if flat { 0 } else { backing_depth(node) };
+    m.insert("backing_file_depth".into(), json!(depth));
     m.insert("active".into(), json!(true));
     m.insert("encrypted".into(), json!(false));
     m.insert("detect_zeroes".into(), json!("off"));

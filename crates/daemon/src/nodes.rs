@@ -88,6 +88,9 @@ struct Inherited {
 struct Opening {
     created: Vec<String>,
     chain: Vec<PathBuf>,
+    /// Listing positions taken by formats before their backing files open (QEMU names a
+    /// format node after its file and before its backing chain, and lists newest first).
+    positions: BTreeMap<String, u64>,
 }
 
 /// The text of a block error as QEMU prints it (strerror without Rust's "(os error N)").
@@ -312,7 +315,13 @@ impl Nodes {
                     error_text(&e)
                 )));
             }
-            self.seq += 1;
+            let seq = match opening.positions.remove(&name) {
+                Some(seq) => seq,
+                None => {
+                    self.seq += 1;
+                    self.seq
+                }
+            };
             self.entries.insert(
                 name.clone(),
                 NodeEntry {
@@ -322,13 +331,20 @@ impl Nodes {
                     cache: own.cache,
                     filename: opened.filename,
                     host_file: opened.host_file,
-                    seq: self.seq,
+                    seq,
                     cbw: opened.cbw,
                 },
             );
             opening.created.push(name);
             Ok(node)
         })
+    }
+
+    /// Gives the node being opened as `name` its place in the listing now, before the
+    /// children it opens next (QEMU names a node after its `file` and before the rest).
+    fn take_position(&mut self, name: &str, opening: &mut Opening) {
+        self.seq += 1;
+        opening.positions.insert(name.to_owned(), self.seq);
     }
 
     fn auto_name(&mut self) -> String {
@@ -471,6 +487,7 @@ impl Nodes {
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
         let header = qcow2::read_header(&file).await.map_err(generic)?;
+        self.take_position(parent, opening);
         let backing_inherit = Inherited {
             read_only: true,
             ..own
@@ -575,6 +592,8 @@ impl Nodes {
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
+        // A protocol driver in QEMU: named before it opens its image.
+        self.take_position(parent, opening);
         let (image, filename, host_file) = self
             .format_child(opts.image.as_ref(), "image", spec, own, opening)
             .await?;
@@ -609,6 +628,7 @@ impl Nodes {
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
         let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()));
+        self.take_position(parent, opening);
         let (target, _, _) = self
             .format_child(opts.target.as_ref(), "target", spec, own, opening)
             .await?;

@@ -399,6 +399,20 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
     for name in ["t2.raw", "n1.raw", "n2.raw"] {
         qemu_img(&["create", "-f", "raw", name, "1M"], dir.path());
     }
+    qemu_img(&["create", "-f", "qcow2", "base2.qcow2", "1M"], dir.path());
+    qemu_img(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base2.qcow2",
+            "-F",
+            "qcow2",
+            "top2.qcow2",
+        ],
+        dir.path(),
+    );
     let root = dir.path().display().to_string();
     // An NBD server of its own: nbd nodes without an export name, on a unix socket and over
     // TCP, show QEMU's URIs.
@@ -447,25 +461,34 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
         json!({"driver": "nbd", "node-name": "nt",
                "server": {"type": "inet", "host": "127.0.0.1", "port": port}}),
         json!({"driver": "raw", "node-name": "rn", "file": "nu"}),
+        // A filter over a format with a backing file: the chain goes on through the filter.
+        json!({"driver": "qcow2", "node-name": "tq", "file": file("top2.qcow2")}),
+        json!({"driver": "copy-before-write", "node-name": "cbw2", "file": "tq",
+               "target": "dbg"}),
     ] {
         let r = c.cmd("blockdev-add", args.clone());
         assert!(r.get("return").is_some(), "{args}: {r}");
     }
-    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
-    let mut out: Vec<String> = nodes["return"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter(|n| n["node-name"].as_str().is_some_and(|s| !s.starts_with('#')))
-        .map(|n| {
+    // Both forms, in QEMU's order (newest first; a format before its backing chain, after
+    // its file); implicit nodes' names are counters, left out.
+    let mut out = Vec::new();
+    for flat in [true, false] {
+        let nodes = c.cmd("query-named-block-nodes", json!({"flat": flat}));
+        out.extend(nodes["return"].as_array().expect("list").iter().map(|n| {
+            let name = match n["node-name"].as_str() {
+                Some(s) if s.starts_with('#') => "#".to_owned(),
+                _ => n["node-name"].to_string(),
+            };
             let text = format!(
-                "{} {} {} {}",
-                n["node-name"], n["drv"], n["file"], n["image"]
+                "flat={flat} {name} {} {} depth={} {}",
+                n["drv"],
+                n["file"],
+                n["backing_file_depth"],
+                common::canon(&n["image"])
             );
             text.replace(&root, "D").replace(&port, "PORT")
-        })
-        .collect();
-    out.sort();
+        }));
+    }
     out
 }
 

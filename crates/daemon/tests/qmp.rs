@@ -153,9 +153,20 @@ fn blockdevs_from_the_command_line_and_qmp() {
     assert_eq!(disk["drv"], "qcow2");
     assert_eq!(disk["file"], "a,b.qcow2", ",, is a literal comma");
     assert_eq!(
-        disk["backing_file_depth"], 1,
+        disk["backing_file"], "base.qcow2",
         "backing opened from the header"
     );
+    // As in QEMU, only the chained (not flat) answer counts the chain.
+    assert_eq!(disk["backing_file_depth"], 0);
+    let chained = c.cmd("query-named-block-nodes", json!({}))["return"].clone();
+    let disk_chained = chained
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|e| e["node-name"] == "disk0")
+        .cloned()
+        .expect("disk0 listed");
+    assert_eq!(disk_chained["backing_file_depth"], 1);
     assert_eq!(disk["image"]["virtual-size"], 4 << 20);
     assert_eq!(by_name("n0")["image"]["virtual-size"], 1 << 20);
     let n1 = by_name("n1");
