@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use crate::drain::{run_passing, DrainGate, Drained};
 use crate::error::{BlockError, Result};
 use crate::node::{BlockNode, Child, ChildRole, EdgeSpec};
-use crate::perm;
+use crate::perm::{self, Parent};
 
 /// `nodes` and everything below them, each once, parents before children.
 pub(crate) fn topological(nodes: &[Arc<BlockNode>]) -> Vec<Arc<BlockNode>> {
@@ -160,9 +160,9 @@ pub async fn insert_filter_with(
     })
 }
 
-/// Removes a filter inserted with [`insert_filter`]: the edges the insertion moved (those
-/// still there) point at its child again. Parents that attached to the filter itself later
-/// (a snapshot-access node reading a copy-before-write filter) keep it.
+/// Removes a filter inserted with [`insert_filter`]: every parent of the filter points at its
+/// child again, the edges the insertion moved and those attached to the filter since (an
+/// export of the filter node) alike. A job's edges stay with the filter, as in QEMU.
 pub async fn remove_filter(inserted: &Inserted) -> Result<Arc<BlockNode>> {
     let filter = &inserted.filter;
     let child = filter
@@ -172,12 +172,21 @@ pub async fn remove_filter(inserted: &Inserted) -> Result<Arc<BlockNode>> {
     check_sizes(filter, &below)?;
     let _section = drained(&[filter.clone(), below.clone()]).await;
     tracing::debug!(target: "graph_edit", filter = filter.name(), below = below.name(), "remove filter");
-    let edges: Vec<Arc<Child>> = inserted
+    // Every parent of the filter moves down, those attached to it since it went in (an
+    // export of the filter node) included; a job's own edges stay with the node they hold,
+    // as QEMU's job children do.
+    let mut edges: Vec<Arc<Child>> = inserted
         .moved
         .iter()
         .filter_map(Weak::upgrade)
         .filter(|e| Arc::ptr_eq(&e.node(), filter))
         .collect();
+    for edge in filter.parents() {
+        let job = matches!(edge.parent(), Parent::Job { .. });
+        if !job && !edges.iter().any(|e| Arc::ptr_eq(e, &edge)) {
+            edges.push(edge);
+        }
+    }
     repoint_all(filter, &below, &edges)?;
     Ok(below)
 }
@@ -349,12 +358,26 @@ mod tests {
             "the backend now goes through the filter"
         );
         assert_eq!(disk.parents().len(), 1, "only the filter points at disk");
-        // A user of the filter itself (as snapshot-access uses copy-before-write).
+        // A user attached to the filter itself later (an export of the filter node), and a
+        // job holding the filter.
         let reader = BlockBackend::new(inserted.filter.clone());
+        let job = EdgeSpec::new(
+            ChildRole::Root,
+            Parent::Job {
+                kind: "backup",
+                id: "j".into(),
+            },
+        );
+        let job =
+            Child::attach(job, inserted.filter.clone(), crate::EdgePerm::FREE).expect("job edge");
         remove_filter(&inserted).await.expect("remove filter");
         assert!(
-            Arc::ptr_eq(&reader.node(), &inserted.filter),
-            "only the edges the insert moved go back"
+            Arc::ptr_eq(&reader.node(), &disk),
+            "every user moves down, as in QEMU"
+        );
+        assert!(
+            Arc::ptr_eq(&job.node(), &inserted.filter),
+            "the job's edge stays with the filter"
         );
         backend
             .write(0, IoVec::from(vec![1u8; 4]), WriteFlags::default())

@@ -966,6 +966,52 @@ fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
     );
 }
 
+/// An export added on a backup's filter node while the job runs moves down to the source
+/// with the others when the job ends, as QEMU's filter removal moves every parent but the
+/// job's own.
+fn run_filter_exports(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tgt", "t.qcow2"), None);
+    let addr = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    step(&mut c, o, "nbd-server-start", addr, None);
+    let export = |id: &str, node: &str, writable: bool| json!({"type": "nbd", "id": id, "node-name": node, "writable": writable});
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        export("e1", "src", true),
+        None,
+    );
+    let backup = json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                        "speed": 65536, "filter-node-name": "flt"});
+    step(&mut c, o, "blockdev-backup", backup, None);
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        export("e2", "flt", false),
+        None,
+    );
+    step(&mut c, o, "query-block-exports", json!({}), None);
+    step(&mut c, o, "job-cancel", json!({"id": "j"}), Some("j"));
+    step(&mut c, o, "query-block-exports", json!({}), None);
+    step(&mut c, o, "blockdev-del", json!({"node-name": "tgt"}), None);
+    out
+}
+
+#[test]
+fn exports_of_the_filter_move_down_when_the_backup_ends_as_in_qemu_storage_daemon() {
+    let ours = run_filter_exports(&common::blockjobd());
+    let theirs = run_filter_exports(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 /// Where a blkdebug node sits decides whether its rules fire, as in QEMU: as the target
 /// itself nothing announces `write_aio` to it and the backup succeeds; under a raw format
 /// the rule fires (`once`: the job stops, is resumed and completes); an `iotype` that the
