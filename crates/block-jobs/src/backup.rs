@@ -432,7 +432,7 @@ impl Backup {
                 EdgePerm::FREE,
             )
         };
-        let main = match edge(&inserted.filter, "main node") {
+        let main = match edge(&inserted.filter, crate::MAIN_NODE) {
             Ok(e) => e,
             Err(e) => return Err(fail(text(&e)).await),
         };

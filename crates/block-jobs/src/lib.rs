@@ -7,3 +7,7 @@
 pub mod backup;
 
 pub use backup::{Backup, BackupSpec, BitmapMode, OnError, SyncMode};
+
+/// The name of a job's edge to the node it works on (QEMU's job BlockBackend, "main node");
+/// the job's other edges are QEMU's op blockers.
+pub const MAIN_NODE: &str = "main node";

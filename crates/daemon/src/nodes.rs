@@ -93,6 +93,21 @@ struct Opening {
     positions: BTreeMap<String, u64>,
 }
 
+/// QEMU's op blocker: refuses a node a job holds.
+pub(crate) fn refuse_busy(node: &BlockNode) -> QmpResult<()> {
+    let kind = node.parents().iter().find_map(|c| match c.parent() {
+        Parent::Job { kind, .. } => Some(kind),
+        _ => None,
+    });
+    match kind {
+        Some(kind) => Err(QmpError::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {kind}",
+            node.name()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The text of a block error as QEMU prints it (strerror without Rust's "(os error N)").
 pub fn error_text(e: &BlockError) -> String {
     let s = e.to_string();
@@ -720,19 +735,12 @@ impl Nodes {
         // Other nodes a job holds (a backup's target) are QEMU's op blockers, checked next.
         let backend = |p: &Arc<Child>| {
             p.role() == ChildRole::Root
-                && !(matches!(p.parent(), Parent::Job { .. }) && p.name() != "main node")
+                && !(matches!(p.parent(), Parent::Job { .. }) && p.name() != block_jobs::MAIN_NODE)
         };
         if parents.iter().any(backend) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
-        if let Some(kind) = parents.iter().find_map(|p| match p.parent() {
-            Parent::Job { kind, .. } => Some(kind),
-            _ => None,
-        }) {
-            return Err(QmpError::generic(format!(
-                "Node '{name}' is busy: block device is in use by block job: {kind}"
-            )));
-        }
+        refuse_busy(&entry.node)?;
         // The newest overlay's blocker is the one QEMU reports.
         if let Some(overlay) = parents
             .iter()

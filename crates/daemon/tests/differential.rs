@@ -506,11 +506,5 @@ impl Drop for KillOnDrop {
 fn filter_null_and_nbd_nodes_describe_themselves_as_in_qemu_storage_daemon() {
     let theirs = node_infos(&qsd());
     let ours = node_infos(&common::blockjobd());
-    assert_eq!(
-        ours,
-        theirs,
-        "\nours:\n{}\n\nqsd:\n{}",
-        ours.join("\n"),
-        theirs.join("\n")
-    );
+    common::assert_same_transcript(&ours, &theirs);
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use block::{BlockNode, Parent};
+use block::BlockNode;
 use block_jobs::{Backup, BackupSpec, BitmapMode, OnError, SyncMode};
 use job::{JobOptions, TxnId};
 use qmp::{QmpError, QmpResult, Schema};
@@ -98,20 +98,7 @@ pub(crate) fn find(ctl: &Control, name: &str) -> QmpResult<Arc<BlockNode>> {
         })
 }
 
-/// QEMU's op blocker: refuses a node a job holds.
-pub(crate) fn refuse_busy(node: &BlockNode) -> QmpResult<()> {
-    let kind = node.parents().iter().find_map(|c| match c.parent() {
-        Parent::Job { kind, .. } => Some(kind),
-        _ => None,
-    });
-    match kind {
-        Some(kind) => Err(generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {kind}",
-            node.name()
-        ))),
-        None => Ok(()),
-    }
-}
+use crate::nodes::refuse_busy;
 
 /// The nodes a backup action names, for the transaction's drained section.
 pub fn nodes_named(ctl: &Control, data: &Map<String, Value>) -> Vec<Arc<BlockNode>> {

@@ -117,7 +117,7 @@ pub async fn prepare(
         .format
         .clone()
         .or_else(|| (!existing).then(|| source.driver_name().to_owned()));
-    backup::refuse_busy(&source)?;
+    crate::nodes::refuse_busy(&source)?;
     // What the new image is backed by.
     let mut backing = None;
     if args.sync == "top" {
