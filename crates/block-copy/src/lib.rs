@@ -56,6 +56,9 @@ use block::map;
 use block::{BitmapHandle, BlockError, BlockNode, Child, ChildRole, IoVec, Result};
 use block::{WriteFlags, ZeroFlags};
 use bytes::Bytes;
+
+mod pool;
+use pool::BufPool;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -270,6 +273,8 @@ pub struct BlockCopy {
     /// Background copies go through `copy_file_range` ([`Options::use_copy_range`]), until
     /// it fails once.
     copy_range: AtomicBool,
+    /// The background copy's read buffers, used again.
+    pool: BufPool,
 }
 
 /// A guest write in flight, counted while this lives.
@@ -387,6 +392,7 @@ impl BlockCopy {
             closed: AtomicBool::new(false),
             guests: AtomicUsize::new(0),
             copy_range: AtomicBool::new(opts.use_copy_range && !opts.compress),
+            pool: BufPool::default(),
         }))
     }
 
@@ -932,6 +938,9 @@ impl BlockCopy {
                     let _ = self.source.discard(start, end.min(self.len) - start).await;
                 }
                 self.unclaim(id, false);
+                if !guest {
+                    self.recycle(pieces);
+                }
                 drop(permit);
                 if let Some(tx) = held.take() {
                     let _ = tx.send(Ok(()));
@@ -1140,11 +1149,30 @@ impl BlockCopy {
         let mut pieces = self.plan(start, end, base).await?;
         for p in pieces.iter_mut() {
             if let Content::Data(_) = p.content {
-                let data = self.source.read(p.offset, p.len as usize).await?;
+                // The background copy's large reads go into buffers used again (see
+                // `pool`); a guest's grains and small pieces are allocated as they come.
+                let data = if !direct && p.len * 2 > end - start {
+                    let buf = self.pool.take(p.len as usize);
+                    self.source.read_into(p.offset, buf).await?.freeze()
+                } else {
+                    self.source.read(p.offset, p.len as usize).await?
+                };
                 p.content = Content::Data(data);
             }
         }
         Ok(pieces)
+    }
+
+    /// Hands the read buffers of a finished background task back to the pool.
+    fn recycle(&self, pieces: Arc<Vec<Piece>>) {
+        let Ok(pieces) = Arc::try_unwrap(pieces) else {
+            return;
+        };
+        for p in pieces {
+            if let Content::Data(d) = p.content {
+                self.pool.give(d);
+            }
+        }
     }
 
     /// What `[start, end)` of the source holds, as pieces whose data is not read yet (empty):
