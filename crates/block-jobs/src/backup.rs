@@ -309,23 +309,14 @@ impl Pace {
         speed / THROTTLED_CHUNKS_PER_SEC
     }
 
-    /// The largest chunk an unthrottled copy takes, so that `max_workers` chunks hold at
-    /// most [`UNTHROTTLED_MEMORY`] together, but none smaller than [`UNTHROTTLED_CHUNK_MIN`]
-    /// (whole clusters, one at least; `None` when throttled). It stays the same for the whole
-    /// copy, so buffers are used again ([`Pace::max_workers`] bounds the count instead). On
-    /// this host's disk a copy moves as fast with 4 MiB in flight as with 16 (fio: 1 MiB at
-    /// depth 1-2, or 256 KiB at depth 4-8, each way, reach the ~950 MiB/s it can read and
-    /// write at once), and QEMU's 64 chunks of 1 MiB held 74 MiB in bench/backup_speed.py.
-    fn memory_limit(speed: u64, max_workers: usize, cluster: u64) -> Option<u64> {
-        if speed != 0 {
-            return None;
-        }
-        let each = (UNTHROTTLED_MEMORY / max_workers.max(1) as u64).max(UNTHROTTLED_CHUNK_MIN);
-        Some((each - each % cluster).max(cluster))
-    }
-
     /// `max-workers`, and for an unthrottled copy no more chunks of `chunk` than fit in
-    /// [`UNTHROTTLED_MEMORY`].
+    /// [`UNTHROTTLED_MEMORY`] (one at least): 4 of QEMU's 1 MiB, 64 of 64 KiB.
+    ///
+    /// On this host's disk a copy moves as fast with 4 MiB in flight as with 16 (fio: 1 MiB
+    /// at depth 1-2 each way reaches the ~950 MiB/s it reads and writes at once;
+    /// bench/copy_ceiling.sh), and QEMU's 64 chunks of 1 MiB held 74 MiB in
+    /// bench/backup_speed.py. Smaller chunks instead of fewer would cost CPU: 16 of 256 KiB
+    /// took twice the daemon's CPU time of 4 of 1 MiB for the same copy.
     fn max_workers(speed: u64, chunk: u64, max_workers: usize) -> usize {
         if speed != 0 || chunk == 0 {
             return max_workers.max(1);
@@ -337,9 +328,8 @@ impl Pace {
 
 /// See [`Pace::chunk_limit`].
 const THROTTLED_CHUNKS_PER_SEC: u64 = 256;
-/// See [`Pace::memory_limit`].
+/// See [`Pace::max_workers`].
 const UNTHROTTLED_MEMORY: u64 = 4 << 20;
-const UNTHROTTLED_CHUNK_MIN: u64 = 256 << 10;
 const THROTTLED_CHUNK_MIN: u64 = 64 << 10;
 
 /// A backup job; see the module docs.
@@ -651,17 +641,12 @@ impl Backup {
         let cbw = self.parts.lock().await.as_ref().map(|p| p.cbw.clone());
         loop {
             let speed = ctx.speed();
-            // The chunk before a latency budget or a speed shrinks it further.
-            let whole = match Pace::memory_limit(speed, self.spec.max_workers, bcs.cluster_size()) {
-                Some(m) => bcs.chunk().min(m),
-                None => bcs.chunk(),
-            };
             if let (Some(budget), Some(cbw)) = (self.spec.guest_latency_budget, &cbw) {
                 let now = std::time::Instant::now();
                 if now.saturating_duration_since(pace.looked) >= ADAPT_WINDOW {
                     pace.looked = now;
                     let latency = cbw.take_guest_latency();
-                    pace.guest(latency, budget, self.spec.max_workers, whole);
+                    pace.guest(latency, budget, self.spec.max_workers, bcs.chunk());
                 }
             }
             let limit = match (Pace::chunk_limit(speed), pace.chunk_cap) {
@@ -669,10 +654,9 @@ impl Backup {
                 (a, b) => a.min(b),
             };
             let chunk = match limit {
-                0 => whole,
-                l => whole.min(l),
+                0 => bcs.chunk(),
+                l => bcs.chunk().min(l),
             };
-            let limit = if chunk < bcs.chunk() { chunk } else { 0 };
             let max_workers = Pace::max_workers(speed, chunk, self.spec.max_workers);
             let workers = pace.workers(speed, chunk, max_workers);
             ctx.pause_point().await;
