@@ -51,6 +51,15 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
 Values use QEMU's key=value syntax: ',,' is a literal comma, dotted keys nest
 (file.filename=a.img). Options are applied in order; an invalid one stops start-up
 with exit status 1.
+
+Environment (for comparison runs; see the README's Performance section):
+  BLOCKJOB_THREADS=<n>      threads running I/O tasks (default 1; 0: one thread
+                            for everything, the control loop included)
+  BLOCKJOB_AIO=threads      file nodes that name no aio= use the thread pool
+                            instead of io_uring
+  BLOCKJOB_WRITE_LANE=0     the thread pool does not serve buffered writes to a
+                            file one at a time, in order
+  BLOCKJOB_CACHED_READS=0   the thread pool hands every read to a worker
 ";
 
 /// What to do.
@@ -96,6 +105,22 @@ pub fn io_tuning_from_env() -> drivers::file::IoTuning {
         },
     }
 }
+
+/// How many threads run the daemon's tasks, read once at start-up from `BLOCKJOB_THREADS`:
+/// 1 by default (README, Performance), `0` for one thread that also runs the control loop.
+pub fn threads_from_env() -> usize {
+    threads(std::env::var("BLOCKJOB_THREADS").ok().as_deref())
+}
+
+/// `BLOCKJOB_THREADS`'s value as a thread count; anything but a number is the default.
+fn threads(value: Option<&str>) -> usize {
+    value
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_THREADS)
+}
+
+/// See [`threads_from_env`].
+pub const DEFAULT_THREADS: usize = 1;
 
 /// Where a chardev listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -433,6 +458,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(&c.items[2], Item::Monitor { pretty: true, .. }));
+    }
+
+    #[test]
+    fn the_thread_count_comes_from_its_variable() {
+        assert_eq!(threads(None), 1);
+        assert_eq!(threads(Some("4")), 4);
+        assert_eq!(threads(Some(" 0 ")), 0);
+        assert_eq!(threads(Some("many")), 1);
+        assert_eq!(threads(Some("-1")), 1);
     }
 
     #[test]

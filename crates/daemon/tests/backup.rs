@@ -94,10 +94,21 @@ fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
 
 #[test]
 fn a_throttled_backup_under_guest_writes_is_the_disk_at_the_command() {
+    // The default (one I/O thread), one thread for everything, and several.
+    for threads in [None, Some("0"), Some("2")] {
+        throttled_backup_under_guest_writes(threads);
+    }
+}
+
+fn throttled_backup_under_guest_writes(threads: Option<&str>) {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
     save_before(dir.path());
-    let mut d = Daemon::start(&common::blockjobd(), &[], dir);
+    let env: Vec<(&str, &str)> = threads
+        .map(|t| ("BLOCKJOB_THREADS", t))
+        .into_iter()
+        .collect();
+    let mut d = Daemon::start_with_env(&common::blockjobd(), &[], dir, &env);
     let mut c = d.client();
     for (cmd, args) in [
         (

@@ -26,6 +26,16 @@ impl Daemon {
     /// Starts `program` with a monitor socket plus `extra` options, in a fresh directory
     /// (the working directory, so relative file names work).
     pub fn start(program: &Path, extra: &[String], dir: tempfile::TempDir) -> Daemon {
+        Daemon::start_with_env(program, extra, dir, &[])
+    }
+
+    /// [`Daemon::start`] with `env` added to the daemon's environment.
+    pub fn start_with_env(
+        program: &Path,
+        extra: &[String],
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let socket = dir.path().join("qmp.sock");
         let mut args = vec![
             "--chardev".to_owned(),
@@ -36,6 +46,7 @@ impl Daemon {
         args.extend_from_slice(extra);
         let child = Command::new(program)
             .args(&args)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
