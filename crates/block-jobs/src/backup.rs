@@ -675,7 +675,7 @@ impl Backup {
                 if ctx.is_cancelled() {
                     return Ok(());
                 }
-                match bcs.copy_next(cursor, limit) {
+                match bcs.copy_next_run(cursor, limit).await {
                     Some((start, end, task)) => {
                         ctx.rate_charge(end - start);
                         cursor = end;

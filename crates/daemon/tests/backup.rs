@@ -1610,3 +1610,76 @@ fn use_copy_range_backups_are_the_disk_at_the_command() {
         );
     }
 }
+
+/// A backup throttled to a crawl on sources laid out in different ways: how far its first task
+/// went (`query-block-jobs`, and the cancel's event) shows where QEMU's block-copy cuts its
+/// tasks, at the end of the source's first block-status run.
+fn run_first_tasks(program: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let layouts: [(&str, &str, &[&str]); 6] = [
+        // qemu-img writes the first 4 KiB of a raw image it creates.
+        ("raw", "fresh", &[]),
+        ("raw", "192k of data", &["write 0 192k"]),
+        ("raw", "100k of data", &["write 0 100k"]),
+        ("raw", "3M of data", &["write 0 3M"]),
+        ("qcow2", "fresh", &[]),
+        ("qcow2", "data at 64k", &["write 64k 64k", "write -z 1M 1M"]),
+    ];
+    for (fmt, what, writes) in layouts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        common::qemu_img(&["create", "-f", fmt, "disk.img", "8M"], dir.path());
+        common::qemu_img(&["create", "-f", "raw", "t.raw", "8M"], dir.path());
+        if !writes.is_empty() {
+            let mut args = vec!["-f", fmt];
+            for w in writes {
+                args.extend(["-c", w]);
+            }
+            args.push("disk.img");
+            qemu_io(&args, dir.path());
+        }
+        let mut d = Daemon::start(program, &[], dir);
+        let mut c = d.client();
+        for (cmd, args) in [
+            (
+                "blockdev-add",
+                json!({"driver": fmt, "node-name": "disk",
+                       "file": {"driver": "file", "filename": "disk.img"}}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "tgt",
+                       "file": {"driver": "file", "filename": "t.raw"}}),
+            ),
+            (
+                "blockdev-backup",
+                json!({"job-id": "j", "device": "disk", "target": "tgt", "sync": "full",
+                       "speed": 1}),
+            ),
+        ] {
+            assert_eq!(c.cmd(cmd, args), json!({"return": {}}), "{cmd}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let jobs = c.cmd("query-block-jobs", json!({}));
+        out.push(format!(
+            "{fmt} {what}: offset {}",
+            jobs["return"][0]["offset"]
+        ));
+        c.execute("block-job-cancel", json!({"device": "j"}));
+        let mut seen = Vec::new();
+        let e = wait_event(&mut c, "BLOCK_JOB_CANCELLED", &mut seen);
+        out.push(format!(
+            "{fmt} {what}: cancelled at {}",
+            e["data"]["offset"]
+        ));
+        c.execute("quit", json!({}));
+        d.wait();
+    }
+    out
+}
+
+#[test]
+fn a_throttled_backup_cuts_its_first_task_where_qemu_storage_daemon_does() {
+    let ours = run_first_tasks(&common::blockjobd());
+    let theirs = run_first_tasks(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
