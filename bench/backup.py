@@ -19,66 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+import qmpbench  # bench/, next to this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rw")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise RuntimeError(f"{name}: {r['error']['desc']}")
-            return r["return"]
-
-    def wait_gone(self, job):
-        deadline = time.time() + 60
-        while any(j["id"] == job for j in self.cmd("query-jobs")):
-            if time.time() > deadline:
-                raise RuntimeError(f"job {job} does not end")
-            time.sleep(0.05)
-
-
-def start(program, d, direct):
-    qmp_sock, nbd_sock = os.path.join(d, "qmp.sock"), os.path.join(d, "nbd.sock")
-    for s in (qmp_sock, nbd_sock):
-        if os.path.exists(s):
-            os.unlink(s)
-    c = "on" if direct else "off"
-    args = [program,
-            "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
-            "--monitor", "chardev=m",
-            "--blockdev", f"driver=file,filename={d}/disk.raw,node-name=f0,cache.direct={c}",
-            "--blockdev", "driver=raw,file=f0,node-name=disk",
-            "--blockdev", f"driver=file,filename={d}/target.raw,node-name=f1,cache.direct={c}",
-            "--blockdev", "driver=raw,file=f1,node-name=tgt",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", "type=nbd,id=e,node-name=disk,writable=on"]
-    p = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while not (os.path.exists(qmp_sock) and os.path.exists(nbd_sock)):
-        if time.time() > deadline or p.poll() is not None:
-            raise SystemExit(f"{program} did not start")
-        time.sleep(0.01)
-    time.sleep(0.1)
-    return p, Qmp(qmp_sock), nbd_sock
 
 
 def fio(sock, seconds, size, rate, depth):
@@ -174,7 +122,7 @@ def main():
             order = servers if run % 2 == 0 else servers[::-1]
             for name, program in order:
                 os.sync()
-                p, q, sock = start(program, d, a.direct == "on")
+                p, q, sock = qmpbench.start(program, d, a.direct == "on")
                 try:
                     for ph in phases:
                         res[name][ph].append(phase(q, sock, ph, a, size, name == "blockjobd"))

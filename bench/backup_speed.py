@@ -13,76 +13,18 @@ Usage: bench/backup_speed.py [--runs N] [--size-mib M] [--direct on|off]
                              [--workers 1,16,64] [--formats raw,qcow2] [--use-copy-range]
 """
 import argparse
-import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import qmpbench  # bench/, next to this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rw")
-        self.f.readline()
-        self.events = []
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" in r:
-                self.events.append(r)
-                continue
-            if "error" in r:
-                raise RuntimeError(f"{name}: {r['error']['desc']}")
-            return r["return"]
-
-    def wait_event(self, name, job, timeout=600):
-        deadline = time.time() + timeout
-        while True:
-            for e in self.events:
-                if e["event"] == name and e["data"].get("device") == job:
-                    self.events.remove(e)
-                    return e
-            if time.time() > deadline:
-                raise RuntimeError(f"no {name} for {job}")
-            self.events.append(json.loads(self.f.readline()))
-
-
-def start(program, d, direct, target_fmt):
-    qmp_sock, nbd_sock = os.path.join(d, "qmp.sock"), os.path.join(d, "nbd.sock")
-    for s in (qmp_sock, nbd_sock):
-        if os.path.exists(s):
-            os.unlink(s)
-    c = "on" if direct else "off"
-    args = [program,
-            "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off",
-            "--monitor", "chardev=m",
-            "--blockdev", f"driver=file,filename={d}/disk.raw,node-name=f0,cache.direct={c}",
-            "--blockdev", "driver=raw,file=f0,node-name=disk",
-            "--blockdev", f"driver=file,filename={d}/target.img,node-name=f1,cache.direct={c}",
-            "--blockdev", f"driver={target_fmt},file=f1,node-name=tgt",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", "type=nbd,id=e,node-name=disk,writable=on"]
-    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while not (os.path.exists(qmp_sock) and os.path.exists(nbd_sock)):
-        if time.time() > deadline or p.poll() is not None:
-            raise SystemExit(f"{program} did not start")
-        time.sleep(0.01)
-    time.sleep(0.1)
-    return p, Qmp(qmp_sock), nbd_sock
 
 
 def peak_rss_mib(pid):
@@ -104,7 +46,7 @@ def fresh_target(d, fmt, size):
 def full_backup(program, d, a, fmt, workers, size):
     fresh_target(d, fmt, size)
     os.sync()
-    p, q, _ = start(program, d, a.direct == "on", fmt)
+    p, q, _ = qmpbench.start(program, d, a.direct == "on", fmt, "target.img", subprocess.DEVNULL)
     try:
         t0 = time.time()
         q.cmd("blockdev-backup", **{"job-id": "b", "device": "disk", "target": "tgt",
@@ -121,7 +63,8 @@ def full_backup(program, d, a, fmt, workers, size):
 
 def incremental(program, d, a, size):
     fresh_target(d, "qcow2", size)
-    p, q, sock = start(program, d, a.direct == "on", "qcow2")
+    p, q, sock = qmpbench.start(program, d, a.direct == "on", "qcow2", "target.img",
+                                subprocess.DEVNULL)
     try:
         q.cmd("transaction", actions=[
             {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "bm"}},
