@@ -152,6 +152,18 @@ fn scenario() -> Vec<Step> {
             "block-export-add",
             json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "e3", "bitmaps": ["c"]}),
         ),
+        // Named as a {node, name} pair, QEMU does not check that it records.
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e4", "node-name": "d", "name": "e4",
+                   "bitmaps": [{"node": "d", "name": "c"}]}),
+        ),
+        // Busy now, but by name QEMU first finds it recording.
+        c(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e5", "node-name": "d", "name": "e5", "bitmaps": ["c"]}),
+        ),
+        c("block-export-del", json!({"id": "e4"})),
         c(
             "block-export-add",
             json!({"type": "nbd", "id": "e3", "node-name": "d", "name": "e3", "writable": true,

@@ -238,17 +238,19 @@ fn add(ctl: &mut Control, x: NewExport<'_>) -> QmpResult<Value> {
 
 /// The bitmaps an export offers, checked as QEMU checks them: a bare name is looked up on the
 /// node and down its backing chain; a `{node, name}` pair where it says. Busy or inconsistent
-/// bitmaps are refused, and so is a recording bitmap on a read-only export of a writable node
-/// (it would change under the reader).
+/// bitmaps are refused, and so is a recording bitmap named alone on a read-only export when
+/// the node holding it is writable (it would change under the reader), as in QEMU.
 fn export_bitmaps(
     ctl: &Control,
     node: &Arc<BlockNode>,
     x: &NewExport<'_>,
 ) -> QmpResult<Vec<(Arc<BlockNode>, String)>> {
-    let node_writable = !ctl.nodes.entry(node.name()).is_some_and(|e| e.read_only);
+    let writable = |n: &Arc<BlockNode>| !ctl.nodes.entry(n.name()).is_some_and(|e| e.read_only);
     let mut out: Vec<(Arc<BlockNode>, String)> = Vec::new();
     for spec in &x.bitmaps {
-        let (holder, name) = match spec {
+        // QEMU refuses a recording bitmap on a read-only export only when it found the
+        // bitmap by name, and only on a writable node; a `{node, name}` pair is not checked.
+        let (holder, name, check_recording) = match spec {
             Value::String(name) => {
                 let mut at = Some(node.clone());
                 let mut found = None;
@@ -264,7 +266,8 @@ fn export_bitmaps(
                 }
                 let holder = found
                     .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' is not found")))?;
-                (holder, name.clone())
+                let check = writable(&holder);
+                (holder, name.clone(), check)
             }
             other => {
                 let n = other.get("node").and_then(Value::as_str).unwrap_or("");
@@ -275,12 +278,18 @@ fn export_bitmaps(
                         "Dirty bitmap '{name}' not found"
                     )));
                 }
-                (holder, name.to_owned())
+                (holder, name.to_owned(), false)
             }
         };
         let (busy, inconsistent, recording) = holder
             .with_bitmap(&name, |b| (b.busy(), b.inconsistent(), b.recording()))
             .unwrap_or_default();
+        // Before the busy check, as in QEMU.
+        if !x.writable && check_recording && recording {
+            return Err(QmpError::generic(format!(
+                "Enabled bitmap '{name}' incompatible with readonly export"
+            )));
+        }
         if busy
             || out
                 .iter()
@@ -293,11 +302,6 @@ fn export_bitmaps(
         if inconsistent {
             return Err(QmpError::generic(format!(
                 "Bitmap '{name}' is inconsistent and cannot be used"
-            )));
-        }
-        if !x.writable && node_writable && recording {
-            return Err(QmpError::generic(format!(
-                "Enabled bitmap '{name}' incompatible with readonly export"
             )));
         }
         out.push((holder, name));
