@@ -337,6 +337,8 @@ pub struct Backup {
     spec: BackupSpec,
     parts: tokio::sync::Mutex<Option<Parts>>,
     filter: Weak<BlockNode>,
+    /// The filter's driver, for a snapshot-access node opened on the filter (push fleecing).
+    cbw: Weak<CopyBeforeWrite>,
     on_clean: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Awaited in `clean` before `on_clean` (closing a target the command opened).
     on_clean_async: Mutex<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
@@ -472,6 +474,7 @@ impl Backup {
         Ok(Arc::new(Backup {
             spec,
             filter: Arc::downgrade(&inserted.filter),
+            cbw: Arc::downgrade(&cbw),
             parts: tokio::sync::Mutex::new(Some(Parts {
                 cbw,
                 bcs,
@@ -539,6 +542,11 @@ impl Backup {
     /// The copy-before-write node, until the job is cleaned up.
     pub fn filter(&self) -> Option<Arc<BlockNode>> {
         self.filter.upgrade()
+    }
+
+    /// The filter's copy-before-write driver, until the job is cleaned up.
+    pub fn copy_before_write(&self) -> Option<Arc<CopyBeforeWrite>> {
+        self.cbw.upgrade()
     }
 
     async fn bcs(&self) -> Result<Arc<BlockCopy>, String> {

@@ -152,6 +152,7 @@ impl Nodes {
         &mut self,
         node: Arc<BlockNode>,
         filename: String,
+        cbw: Option<Arc<CopyBeforeWrite>>,
     ) -> impl FnOnce() + Send + 'static {
         let name = node.name().to_owned();
         self.seq += 1;
@@ -165,7 +166,7 @@ impl Nodes {
                 filename,
                 host_file: None,
                 seq: self.seq,
-                cbw: None,
+                cbw,
             },
         );
         let released = self.released.clone();

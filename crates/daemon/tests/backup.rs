@@ -977,6 +977,103 @@ fn push_fleecing_with_discard_source_is_qemu_storage_daemons() {
     );
 }
 
+/// Push fleecing as the contract has it: a `sync=none` backup into a qcow2 backed by
+/// the source keeps the point in time, a snapshot-access node on that backup's filter reads
+/// it, and a second backup pushes it to the real target with `discard-source`.
+fn run_push_fleecing_from_a_backup(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "fl.qcow2",
+        ],
+        dir.path(),
+    );
+    save_before(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    let mut fl = qcow2("fl", "fl.qcow2");
+    fl["backing"] = json!("src");
+    step(&mut c, o, "blockdev-add", fl, None);
+    step(&mut c, o, "blockdev-add", qcow2("tgt", "t.qcow2"), None);
+    let addr = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    step(&mut c, o, "nbd-server-start", addr, None);
+    step(
+        &mut c,
+        o,
+        "block-export-add",
+        json!({"type": "nbd", "id": "guest", "node-name": "src", "writable": true}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-backup",
+        json!({"job-id": "fleece", "device": "src", "target": "fl", "sync": "none",
+               "filter-node-name": "flt"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "flt"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-backup",
+        json!({"job-id": "push", "device": "acc", "target": "tgt", "sync": "full",
+               "discard-source": true, "speed": 8 << 20}),
+        None,
+    );
+    let guest = format!("nbd+unix:///src?socket={}", d.path("nbd.sock").display());
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 9M 2M",
+            &guest,
+        ],
+        d.dir.path(),
+    );
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    let mut data = done["data"].clone();
+    data["offset"] = json!(0);
+    o.push(format!("  completed {}", canon(&data)));
+    step(&mut c, o, "blockdev-del", json!({"node-name": "acc"}), None);
+    step(
+        &mut c,
+        o,
+        "job-cancel",
+        json!({"id": "fleece"}),
+        Some("fleece"),
+    );
+    step(&mut c, o, "query-block-exports", json!({}), None);
+    let dir = quit(&mut c, d);
+    (out, dir)
+}
+
+#[test]
+fn push_fleecing_from_a_sync_none_backup_is_qemu_storage_daemons() {
+    let (ours, dir) = run_push_fleecing_from_a_backup(&common::blockjobd());
+    let (theirs, _) = run_push_fleecing_from_a_backup(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    assert_identical(
+        dir.path(),
+        &["-f", "raw", "-F", "qcow2", "before.raw", "t.qcow2"],
+        "the pushed backup is not the disk at the fleecing backup",
+    );
+}
+
 /// An export added on a backup's filter node while the job runs moves down to the source
 /// with the others when the job ends, as QEMU's filter removal moves every parent but the
 /// job's own.

@@ -280,7 +280,9 @@ pub(crate) async fn prepare_nodes(
     }
     match backup.filter() {
         Some(filter) => {
-            let release = ctl.nodes.add_job_node(filter, filename);
+            let release = ctl
+                .nodes
+                .add_job_node(filter, filename, backup.copy_before_write());
             backup.on_clean(move || {
                 release();
                 release_owned();
