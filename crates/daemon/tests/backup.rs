@@ -731,6 +731,24 @@ fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         .status()
         .expect("convert");
     assert!(st.success());
+    // What a client sees of the snapshot: zeroes and data, the whole snapshot as the export's
+    // own layer, and the bitmap.
+    for context in [
+        "base:allocation",
+        "qemu:allocation-depth",
+        "qemu:dirty-bitmap:inc",
+    ] {
+        let map = Command::new("nbdinfo")
+            .arg(format!("--map={context}"))
+            .arg(&snap)
+            .output()
+            .expect("nbdinfo");
+        assert!(map.status.success(), "nbdinfo: {map:?}");
+        o.push(format!(
+            "map {context}: {}",
+            String::from_utf8_lossy(&map.stdout)
+        ));
+    }
     step(
         &mut c,
         o,

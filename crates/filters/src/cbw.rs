@@ -399,6 +399,12 @@ impl CopyBeforeWrite {
         }
         let mut st = self.file.block_status(s, e - s).await?;
         st.host_offset = None;
+        // What a source without a backing file does not allocate reads as zeroes (QEMU's
+        // block layer says so for any format that could have a backing file).
+        let node = self.file.node();
+        if !st.allocated && !st.data && node.child(ChildRole::Backing).is_none() {
+            st.zero = true;
+        }
         Ok(st)
     }
 

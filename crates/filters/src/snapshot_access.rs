@@ -85,8 +85,14 @@ impl BlockDriver for SnapshotAccess {
         Ok(())
     }
 
+    /// The snapshot's data and zeroes, every range allocated in this node, as QEMU's block
+    /// layer marks whatever a (non-filter) driver reports as data or zero: a client's
+    /// `qemu:allocation-depth` shows the whole snapshot as local, whatever the source's
+    /// chain holds.
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.cbw()?.snapshot_block_status(offset, len).await
+        let mut st = self.cbw()?.snapshot_block_status(offset, len).await?;
+        st.allocated |= st.data || st.zero;
+        Ok(st)
     }
 
     async fn close(&self) -> Result<()> {
