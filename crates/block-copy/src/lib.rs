@@ -927,8 +927,8 @@ impl BlockCopy {
                 });
             }
         };
-        // A guest write waits for this read: it reads at once instead of asking block status
-        // first (a zero cluster costs a read, not the guest a round trip through the engine).
+        // A guest write waits for this read: it reads at once, block status running beside
+        // it rather than first (see `fetch`).
         let guest = held.is_some();
         let grains = lock(&self.state)
             .tasks
@@ -1175,8 +1175,8 @@ impl BlockCopy {
     }
 
     /// Reads what `[start, end)` of the source holds now, as pieces.
-    /// `direct`: read the range as data without asking block status (unless unallocated
-    /// ranges are to be skipped).
+    /// `direct` (a guest waits): read the whole range at once, with block status asked beside
+    /// the read rather than before it (unless unallocated ranges are to be skipped).
     async fn fetch(&self, start: u64, end: u64, direct: bool) -> Result<Vec<Piece>> {
         let node = self.source.node();
         let base = if self.skip_unallocated.load(Ordering::Relaxed) {
@@ -1185,12 +1185,32 @@ impl BlockCopy {
             None
         };
         if direct && base.is_none() {
-            let data = self.source.read(start, (end - start) as usize).await?;
-            return Ok(vec![Piece {
+            // The guest waits for this read; block status runs beside it (not before it), so
+            // that zeroes still reach the target as zeroes, as QEMU's copy (which asks first)
+            // writes them. A failed block status leaves the range as data.
+            let (data, plan) = tokio::join!(
+                self.source.read(start, (end - start) as usize),
+                self.plan(start, end, None)
+            );
+            let data = data?;
+            let whole = || Piece {
                 offset: start,
                 len: end - start,
-                content: Content::Data(data),
-            }]);
+                content: Content::Data(data.clone()),
+            };
+            return Ok(match plan {
+                Ok(pieces) if pieces.iter().any(|p| matches!(p.content, Content::Zero)) => pieces
+                    .into_iter()
+                    .map(|mut p| {
+                        if let Content::Data(_) = p.content {
+                            let at = (p.offset - start) as usize;
+                            p.content = Content::Data(data.slice(at..at + p.len as usize));
+                        }
+                        p
+                    })
+                    .collect(),
+                _ => vec![whole()],
+            });
         }
         let mut pieces = self.plan(start, end, base).await?;
         for p in pieces.iter_mut() {

@@ -269,6 +269,14 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A format that can have a backing file (QEMU's `supports_backing`): what it does not
+    /// allocate, with no backing file below, reads as zeroes. Elsewhere an unallocated range
+    /// (an NBD hole without the zero flag, a snapshot's range nobody allocated) is not known
+    /// to read as zeroes.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// Copy offload (`use-copy-range`): the child that stores this node's bytes unchanged
     /// and where `offset` is in it (a raw format), so a copy can go on below. `None` for
     /// drivers that change bytes on the way (or are a leaf).

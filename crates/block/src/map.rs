@@ -94,7 +94,10 @@ pub async fn extent_at(top: &Arc<BlockNode>, offset: u64, len: u64) -> Result<Ma
                 node = below.node();
                 depth += 1;
             }
-            None => return Ok(entry(offset, len, depth, false, true, false, false, None)),
+            None => {
+                let zero = node.driver.supports_backing();
+                return Ok(entry(offset, len, depth, false, zero, false, false, None));
+            }
         }
     }
 }

@@ -1092,6 +1092,114 @@ fn push_fleecing_from_a_sync_none_backup_is_qemu_storage_daemons() {
     );
 }
 
+/// What a pull-fleecing client sees of a disk with a backing file: ranges the disk does not
+/// allocate are holes that are not known to read as zeroes, ranges whose old data a guest write
+/// copied are what the copy wrote (zeroes stay zeroes), and the allocation depth is the
+/// snapshot's own.
+fn run_snapshot_maps(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path();
+    common::qemu_img(&["create", "-f", "raw", "base.raw", "8M"], p);
+    qemu_io(&["-f", "raw", "-c", "write -P 0x11 0 1M", "base.raw"], p);
+    common::qemu_img(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "disk.qcow2",
+        ],
+        p,
+    );
+    qemu_io(
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 2M 1M",
+            "-c",
+            "write -z 4M 64k",
+            "disk.qcow2",
+        ],
+        p,
+    );
+    common::qemu_img(&["create", "-f", "qcow2", "tmp.qcow2", "8M"], p);
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    step(&mut c, o, "blockdev-add", qcow2("disk", "disk.qcow2"), None);
+    step(&mut c, o, "blockdev-add", qcow2("tmp", "tmp.qcow2"), None);
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "tmp"}),
+        None,
+    );
+    step(
+        &mut c,
+        o,
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+        None,
+    );
+    let addr = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    step(&mut c, o, "nbd-server-start", addr, None);
+    for (id, node, writable) in [("cbw", "cbw", true), ("acc", "acc", false)] {
+        step(
+            &mut c,
+            o,
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": node, "writable": writable,
+                   "allocation-depth": true}),
+            None,
+        );
+    }
+    let sock = d.path("nbd.sock");
+    let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", sock.display());
+    let maps = |o: &mut Vec<String>| {
+        for context in ["base:allocation", "qemu:allocation-depth"] {
+            let map = Command::new("nbdinfo")
+                .arg(format!("--map={context}"))
+                .arg(uri("acc"))
+                .output()
+                .expect("nbdinfo");
+            assert!(map.status.success(), "nbdinfo: {map:?}");
+            o.push(format!(
+                "map {context}: {}",
+                String::from_utf8_lossy(&map.stdout)
+            ));
+        }
+    };
+    maps(o);
+    // Over old data, and over a range neither the disk nor its backing file holds.
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 0 64k",
+            "-c",
+            "write -P 0x44 6M 64k",
+            &uri("cbw"),
+        ],
+        d.dir.path(),
+    );
+    maps(o);
+    out
+}
+
+#[test]
+fn a_snapshot_of_a_backed_disk_maps_as_in_qemu_storage_daemon() {
+    let ours = run_snapshot_maps(&common::blockjobd());
+    let theirs = run_snapshot_maps(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 /// An export added on a backup's filter node while the job runs moves down to the source
 /// with the others when the job ends, as QEMU's filter removal moves every parent but the
 /// job's own.

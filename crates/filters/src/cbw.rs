@@ -395,7 +395,15 @@ impl CopyBeforeWrite {
         let runs = Self::readable_runs(&self.snap(), a, offset, offset + len)?;
         let (s, e, done) = runs[0];
         if done {
-            return Ok(BlockStatus::data(e - s, None));
+            // Copied: what the target holds there (zeroes stay zeroes, as QEMU reports them);
+            // data still held in memory on its way there is data.
+            let mut st = self.target.block_status(s, e - s).await?;
+            if !st.data && !st.zero {
+                return Ok(BlockStatus::data(st.len, None));
+            }
+            st.allocated = true;
+            st.host_offset = None;
+            return Ok(st);
         }
         let mut st = self.file.block_status(s, e - s).await?;
         st.host_offset = None;

@@ -151,6 +151,10 @@ impl Qcow2Driver {
 
 #[async_trait]
 impl BlockDriver for Qcow2Driver {
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn driver_name(&self) -> &'static str {
         "qcow2"
     }
