@@ -217,3 +217,49 @@ fn the_live_demo_verifies_both_backups() {
         "{out}"
     );
 }
+
+#[test]
+fn create_writes_the_bytes_qemu_img_create_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", s(&d("base.raw")), "8M"],
+    );
+    let cases: [(&[&str], &str); 8] = [
+        (&[], "8M"),
+        (&[], "0"),
+        (&[], "10G"),
+        (&[], "1T"),
+        (&["-o", "cluster_size=2M"], "64M"),
+        (&["-o", "refcount_bits=64,lazy_refcounts=on"], "64M"),
+        (&["-o", "compat=0.10"], "64M"),
+        (&["-b", "base.raw", "-F", "raw"], "8M"),
+    ];
+    for (i, (opts, size)) in cases.iter().enumerate() {
+        let (ours, theirs) = (d(&format!("o{i}.qcow2")), d(&format!("q{i}.qcow2")));
+        let mut a = vec!["create", "-f", "qcow2"];
+        a.extend_from_slice(opts);
+        let mut b = a.clone();
+        a.extend([s(&ours), size]);
+        b.extend(["-q", s(&theirs), size]);
+        let status = Command::new(env!("CARGO_BIN_EXE_blockjob"))
+            .args(&a)
+            .current_dir(dir.path())
+            .output()
+            .expect("blockjob");
+        assert!(status.status.success(), "{a:?}: {status:?}");
+        let status = Command::new("qemu-img")
+            .args(&b)
+            .current_dir(dir.path())
+            .output()
+            .expect("qemu-img");
+        assert!(status.status.success(), "{b:?}: {status:?}");
+        let (x, y) = (
+            std::fs::read(&ours).expect("ours"),
+            std::fs::read(&theirs).expect("qemu's"),
+        );
+        assert_eq!(x.len(), y.len(), "file length, {opts:?} {size}");
+        assert!(x == y, "bytes differ, {opts:?} {size}");
+    }
+}

@@ -111,7 +111,8 @@ pub async fn create(file: &Arc<Child>, opts: &CreateOptions) -> Result<()> {
     let refcount_order = opts.refcount_bits.trailing_zeros();
     let epb = cs * 8 / u64::from(opts.refcount_bits);
     let l1_entries = Header::l1_entries_for(size, cluster_bits);
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    // An empty image has no L1 table at all, as in QEMU.
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let (mut t, mut k) = (1u64, 1u64);
     loop {
         let n = 1 + t + k + l1_clusters;
@@ -130,7 +131,7 @@ pub async fn create(file: &Arc<Child>, opts: &CreateOptions) -> Result<()> {
         size,
         crypt_method: 0,
         l1_size: l1_entries as u32,
-        l1_table_offset: (1 + t + k) * cs,
+        l1_table_offset: if l1_entries == 0 { 0 } else { (1 + t + k) * cs },
         refcount_table_offset: cs,
         refcount_table_clusters: t as u32,
         nb_snapshots: 0,
@@ -173,11 +174,20 @@ pub async fn create(file: &Arc<Child>, opts: &CreateOptions) -> Result<()> {
         set_refcount(block, (c % epb) as usize, refcount_order, 1);
     }
     let write = |off: u64, data: Vec<u8>| file.write(off, IoVec::from(data), WriteFlags::default());
+    // The file as QEMU lays it out: the header's whole cluster, the refcount clusters, and only
+    // the L1 table's own bytes (its cluster is counted in use, the file ends after the table),
+    // so sizes and `actual-size` read as for an image qemu-img made.
     write(cs, meta).await?;
-    write((1 + t + k) * cs, vec![0u8; (l1_clusters * cs) as usize]).await?;
+    if l1_entries > 0 {
+        write((1 + t + k) * cs, vec![0u8; (l1_entries * 8) as usize]).await?;
+    }
     file.flush().await?;
     // The header last: until it is written, the file is not a qcow2 image at all.
-    write(0, header.serialize()?).await?;
+    let mut head = header.serialize()?;
+    if head.len() < cs as usize {
+        head.resize(cs as usize, 0);
+    }
+    write(0, head).await?;
     file.flush().await?;
     if opts.preallocation == Preallocation::Metadata {
         let drv = Qcow2Driver::open(file.clone(), true, None).await?;

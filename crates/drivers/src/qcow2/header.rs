@@ -460,7 +460,7 @@ impl Header {
 
 /// The feature name table QEMU writes (type, bit, name), so tools can name our bits.
 fn feature_table() -> Vec<u8> {
-    let names: [(u8, u8, &str); 7] = [
+    let names: [(u8, u8, &str); 8] = [
         (0, 0, "dirty bit"),
         (0, 1, "corrupt bit"),
         (0, 2, "external data file"),
@@ -468,6 +468,7 @@ fn feature_table() -> Vec<u8> {
         (0, 4, "extended L2 entries"),
         (1, 0, "lazy refcounts"),
         (2, 0, "bitmaps"),
+        (2, 1, "raw external data"),
     ];
     let mut out = Vec::new();
     for (t, bit, name) in names {

@@ -292,6 +292,9 @@ impl Qcow2Driver {
                 continue;
             }
             let run = targets[i..].iter().take_while(|t| t.is_none()).count();
+            // The table first, then the data, as QEMU allocates them.
+            let covered = meta.prepare_l2(c0 + i as u64).await?;
+            let run = run.min(usize::try_from(covered).unwrap_or(usize::MAX));
             let blank_from = meta.blank_from();
             let (host, got) = meta.alloc_some_clusters(run as u64).await?;
             for k in 0..got as usize {

@@ -363,6 +363,14 @@ impl Meta {
         Ok(off)
     }
 
+    /// Makes sure `gc` has a writable L2 table before data clusters are allocated for it, as
+    /// QEMU orders the two (so a new image's clusters sit where QEMU's would: the table, then
+    /// the data). Returns how many clusters from `gc` on that table covers.
+    pub async fn prepare_l2(&mut self, gc: u64) -> Result<u64> {
+        self.l2_for_write(gc).await?;
+        Ok(self.l2_entries() - gc % self.l2_entries())
+    }
+
     /// Writes the given L2 tables now (refcounts first). Used before freeing clusters.
     pub async fn write_through_l2(&mut self, tables: &[u64]) -> Result<()> {
         self.write_back_l2(tables).await
