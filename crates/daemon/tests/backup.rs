@@ -1906,3 +1906,53 @@ fn a_throttled_backup_cuts_its_first_task_where_qemu_storage_daemon_does() {
     let theirs = run_first_tasks(Path::new("qemu-storage-daemon"));
     common::assert_same_transcript(&ours, &theirs);
 }
+
+/// Two backups in one transaction: created in the order of the actions, started (`running`)
+/// in the reverse order, as QEMU commits a transaction last action first.
+fn run_transaction_order(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["a.raw", "b.raw", "ta.raw", "tb.raw"] {
+        common::qemu_img(&["create", "-f", "raw", f, "8M"], dir.path());
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    for (node, file) in [
+        ("a", "a.raw"),
+        ("b", "b.raw"),
+        ("ta", "ta.raw"),
+        ("tb", "tb.raw"),
+    ] {
+        let args = json!({"driver": "raw", "node-name": node,
+                          "file": {"driver": "file", "filename": file}});
+        step(&mut c, o, "blockdev-add", args, None);
+    }
+    let backup = |job: &str, dev: &str, tgt: &str| {
+        json!({"type": "blockdev-backup",
+               "data": {"job-id": job, "device": dev, "target": tgt, "sync": "full",
+                        "speed": 1}})
+    };
+    for mode in ["individual", "grouped"] {
+        let actions = json!({"actions": [backup("ja", "a", "ta"), backup("jb", "b", "tb")],
+                             "properties": {"completion-mode": mode}});
+        step(&mut c, o, "transaction", actions, None);
+        std::thread::sleep(Duration::from_millis(200));
+        step(&mut c, o, "query-jobs", json!({}), None);
+        step(&mut c, o, "job-cancel", json!({"id": "ja"}), Some("ja"));
+        if mode == "individual" {
+            step(&mut c, o, "job-cancel", json!({"id": "jb"}), Some("jb"));
+        } else {
+            // The group went with it.
+            step(&mut c, o, "query-jobs", json!({}), None);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_transaction_starts_its_jobs_as_qemu_storage_daemon_does() {
+    let ours = run_transaction_order(&common::blockjobd());
+    let theirs = run_transaction_order(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}

@@ -138,8 +138,10 @@ pub async fn apply(
         ctl.nodes.prune();
         return Err(e);
     }
+    // Committed last action first, as QEMU commits a transaction: jobs start (`running`) in
+    // the reverse order of their `created`.
     let mut cleanups = Vec::new();
-    for p in prepared {
+    for p in prepared.into_iter().rev() {
         match p {
             Prepared::Bitmap(undo) => cleanups.extend(undo.commit()),
             Prepared::Backup(b) => b.commit(ctl).await,
