@@ -56,11 +56,11 @@ use block::map;
 use block::{BitmapHandle, BlockError, BlockNode, Child, ChildRole, IoVec, Result};
 use block::{WriteFlags, ZeroFlags};
 use bytes::Bytes;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 mod pool;
 use pool::BufPool;
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
 
 /// QEMU's default copy cluster (`BLOCK_COPY_CLUSTER_SIZE_DEFAULT`).
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
@@ -816,10 +816,7 @@ impl BlockCopy {
         let from = align_down(from, self.cluster);
         let (id, s, e) = {
             let mut st = lock(&self.state);
-            let chunk = match limit {
-                0 => self.chunk,
-                l => self.chunk.min(l.div_ceil(self.cluster) * self.cluster),
-            };
+            let chunk = self.chunk_within(limit);
             let area = self
                 .bitmap
                 .with(|b| b.next_dirty_area(from, self.len, chunk))
@@ -839,6 +836,15 @@ impl BlockCopy {
         Some((s, e, self.spawn(id, s, e, None)))
     }
 
+    /// The most one background task takes: a chunk, or `limit` rounded up to a cluster when
+    /// that is less (0: no limit).
+    fn chunk_within(&self, limit: u64) -> u64 {
+        match limit {
+            0 => self.chunk,
+            l => self.chunk.min(l.div_ceil(self.cluster) * self.cluster),
+        }
+    }
+
     /// [`copy_next`](Self::copy_next), with the area ending where the source's block status
     /// at its start ends, as QEMU's block-copy cuts its tasks: the first run of data, zeroes
     /// (or, skipping unallocated ranges, of what the top layer does not allocate) in whole
@@ -851,10 +857,7 @@ impl BlockCopy {
         from: u64,
         limit: u64,
     ) -> Option<(u64, u64, CopyTask)> {
-        let chunk = match limit {
-            0 => self.chunk,
-            l => self.chunk.min(l.div_ceil(self.cluster) * self.cluster),
-        };
+        let chunk = self.chunk_within(limit);
         let from = align_down(from, self.cluster);
         let next = self
             .bitmap
@@ -1193,11 +1196,6 @@ impl BlockCopy {
                 self.plan(start, end, None)
             );
             let data = data?;
-            let whole = || Piece {
-                offset: start,
-                len: end - start,
-                content: Content::Data(data.clone()),
-            };
             return Ok(match plan {
                 Ok(pieces) if pieces.iter().any(|p| matches!(p.content, Content::Zero)) => pieces
                     .into_iter()
@@ -1209,7 +1207,11 @@ impl BlockCopy {
                         p
                     })
                     .collect(),
-                _ => vec![whole()],
+                _ => vec![Piece {
+                    offset: start,
+                    len: end - start,
+                    content: Content::Data(data),
+                }],
             });
         }
         let mut pieces = self.plan(start, end, base).await?;

@@ -92,6 +92,27 @@ fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
     }
 }
 
+/// `nbdinfo --map=CONTEXT URI`, as a transcript line.
+fn nbd_map(uri: &str, context: &str) -> String {
+    let map = Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(uri)
+        .output()
+        .expect("nbdinfo");
+    assert!(map.status.success(), "nbdinfo: {map:?}");
+    format!("map {context}: {}", String::from_utf8_lossy(&map.stdout))
+}
+
+/// Waits for the next `BLOCK_JOB_COMPLETED` and shows it as a transcript line, without its
+/// offset (progress depends on timing).
+fn completed(c: &mut Client) -> String {
+    let mut seen = Vec::new();
+    let done = wait_event(c, "BLOCK_JOB_COMPLETED", &mut seen);
+    let mut data = done["data"].clone();
+    data["offset"] = json!(0);
+    format!("  completed {}", canon(&data))
+}
+
 #[test]
 fn a_throttled_backup_under_guest_writes_is_the_disk_at_the_command() {
     // The default (one I/O thread), one thread for everything, and several.
@@ -738,16 +759,7 @@ fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         "qemu:allocation-depth",
         "qemu:dirty-bitmap:inc",
     ] {
-        let map = Command::new("nbdinfo")
-            .arg(format!("--map={context}"))
-            .arg(&snap)
-            .output()
-            .expect("nbdinfo");
-        assert!(map.status.success(), "nbdinfo: {map:?}");
-        o.push(format!(
-            "map {context}: {}",
-            String::from_utf8_lossy(&map.stdout)
-        ));
+        o.push(nbd_map(&snap, context));
     }
     step(
         &mut c,
@@ -974,11 +986,7 @@ fn run_push_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
         ],
         d.dir.path(),
     );
-    let mut seen = Vec::new();
-    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
-    let mut data = done["data"].clone();
-    data["offset"] = json!(0);
-    o.push(format!("  completed {}", canon(&data)));
+    o.push(completed(&mut c));
     let dir = quit(&mut c, d);
     (out, dir)
 }
@@ -1062,11 +1070,7 @@ fn run_push_fleecing_from_a_backup(program: &Path) -> (Vec<String>, tempfile::Te
         ],
         d.dir.path(),
     );
-    let mut seen = Vec::new();
-    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
-    let mut data = done["data"].clone();
-    data["offset"] = json!(0);
-    o.push(format!("  completed {}", canon(&data)));
+    o.push(completed(&mut c));
     step(&mut c, o, "blockdev-del", json!({"node-name": "acc"}), None);
     step(
         &mut c,
@@ -1163,16 +1167,7 @@ fn run_snapshot_maps(program: &Path) -> Vec<String> {
     let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", sock.display());
     let maps = |o: &mut Vec<String>| {
         for context in ["base:allocation", "qemu:allocation-depth"] {
-            let map = Command::new("nbdinfo")
-                .arg(format!("--map={context}"))
-                .arg(uri("acc"))
-                .output()
-                .expect("nbdinfo");
-            assert!(map.status.success(), "nbdinfo: {map:?}");
-            o.push(format!(
-                "map {context}: {}",
-                String::from_utf8_lossy(&map.stdout)
-            ));
+            o.push(nbd_map(&uri("acc"), context));
         }
     };
     maps(o);
