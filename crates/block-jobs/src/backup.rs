@@ -701,7 +701,17 @@ impl Backup {
                     let now = std::time::Instant::now();
                     pace.record(took, bytes, now, max_workers);
                 }
-                Some(Ok((Ok(Err(e)), _))) => self.on_error(ctx, e.read, &e.error).await?,
+                Some(Ok((Ok(Err(e)), _))) => {
+                    // As QEMU's block-copy call: the chunks in flight finish (and count as
+                    // progress) before the first error is acted on; later errors are dropped,
+                    // their ranges stay dirty.
+                    while let Some(r) = set.join_next().await {
+                        if let Ok((Ok(Ok(bytes)), took)) = r {
+                            pace.record(took, bytes, std::time::Instant::now(), max_workers);
+                        }
+                    }
+                    self.on_error(ctx, e.read, &e.error).await?
+                }
                 Some(Ok((Err(_), _))) | Some(Err(_)) => {
                     return Err("the copy failed unexpectedly (internal error)".into())
                 }

@@ -1322,6 +1322,67 @@ fn blkdebug_rules_fire_where_qemus_do() {
 /// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
 /// write whose old data cannot be read fails under break-guest-write and goes on under
 /// break-snapshot.
+/// A target write fails in the second of four 1 MiB chunks copied at once: the other three
+/// finish before the job acts on the error, so the failure reports 3 MiB done.
+fn run_failure_progress(program: &Path, action: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
+    common::qemu_img(&["create", "-f", "raw", "t.raw", "4M"], dir.path());
+    qemu_io(
+        &["-f", "raw", "-c", "write -P 0x5a 0 4M", "s.raw"],
+        dir.path(),
+    );
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    c.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src", "file": file("s.raw")}),
+    );
+    let rule = json!({"event": "write_aio", "errno": 5, "sector": 2048, "once": true});
+    c.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "tgt", "file": {"driver": "blkdebug",
+               "inject-error": [rule], "image": file("t.raw")}}),
+    );
+    c.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+               "on-target-error": action}),
+    );
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    let error = wait_event(&mut c, "BLOCK_JOB_ERROR", &mut seen);
+    out.push(format!("error {}", canon(&error["data"])));
+    if action == "stop" {
+        // (Polling skips events, and none come until the job is resumed.)
+        let jobs = loop {
+            let jobs = c.cmd("query-block-jobs", json!({}));
+            if jobs["return"][0]["status"] == "paused" {
+                break jobs;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        out.push(format!(
+            "offset when paused {}",
+            jobs["return"][0]["offset"]
+        ));
+        c.cmd("job-resume", json!({"id": "j"}));
+    }
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    out.push(format!("completed {}", canon(&done["data"])));
+    out
+}
+
+#[test]
+fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
+    for action in ["report", "stop"] {
+        let ours = run_failure_progress(&common::blockjobd(), action);
+        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action);
+        common::assert_same_transcript(&ours, &theirs);
+    }
+}
+
 fn guest_write_with_failing_copy(mode: &str) -> bool {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
