@@ -793,6 +793,78 @@ fn pull_fleecing_reads_the_point_in_time_as_qemu_storage_daemon() {
     );
 }
 
+/// A copy-before-write filter given a `bitmap` keeps only the bitmap's clusters: the snapshot
+/// reads them as they were and refuses the rest with "Invalid argument" (EACCES in QEMU's
+/// block layer, which its NBD server sends as NBD_EINVAL).
+fn run_filter_bitmap(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    let export = |id: &str, node: &str, writable: bool| json!({"type": "nbd", "id": id, "node-name": node, "writable": writable});
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0"}),
+        ),
+        ("nbd-server-start", nbd),
+        ("block-export-add", export("guest", "src", true)),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    guest_write(&d, &["write -P 0x33 1M 128k"]);
+    for (cmd, args) in [
+        ("block-export-del", json!({"id": "guest"})),
+        (
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src",
+                   "target": "tgt", "bitmap": {"node": "src", "name": "b0"}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+        ),
+        ("block-export-add", export("cbw", "cbw", true)),
+        ("block-export-add", export("acc", "acc", false)),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    let sock = d.path("nbd.sock");
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", sock.display());
+    qemu_io(
+        &["-f", "raw", "-c", "write -P 0x44 0 2M", &uri("cbw")],
+        d.dir.path(),
+    );
+    for at in ["0", "1M", "1088k", "2M"] {
+        let read = Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", &format!("read -v {at} 16")])
+            .arg(uri("acc"))
+            .current_dir(d.dir.path())
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&read.stdout);
+        o.push(format!("read {at}: {}", text.lines().next().unwrap_or("")));
+    }
+    let map = Command::new("nbdinfo")
+        .args(["--map", &uri("acc")])
+        .output()
+        .expect("nbdinfo");
+    o.push(format!("map: {}", String::from_utf8_lossy(&map.stderr)));
+    out
+}
+
+#[test]
+fn a_filter_bitmap_limits_the_snapshot_as_in_qemu_storage_daemon() {
+    let ours = run_filter_bitmap(&common::blockjobd());
+    let theirs = run_filter_bitmap(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

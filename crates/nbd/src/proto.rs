@@ -202,9 +202,11 @@ pub mod errno {
     pub const ESHUTDOWN: u32 = 108;
 
     /// The wire value for a host errno (unknown ones become EINVAL, as the spec asks).
+    /// EACCES is one of those, as in QEMU's server: a snapshot read of a range that is no
+    /// longer kept says "Invalid argument".
     pub fn from_host(e: i32) -> u32 {
         match e {
-            libc::EPERM | libc::EROFS | libc::EACCES => EPERM,
+            libc::EPERM | libc::EROFS => EPERM,
             libc::EIO => EIO,
             libc::ENOMEM => ENOMEM,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
