@@ -15,6 +15,9 @@ use crate::commands;
 use crate::exports::Exports;
 use crate::nodes::Nodes;
 
+/// How long a reply waits for the jobs a command woke (see [`job::JobManager::quiesce`]).
+const QUIESCE_BOUND: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The daemon's state, owned by the control loop.
 #[derive(Debug)]
 pub struct Control {
@@ -109,6 +112,9 @@ impl Control {
                         .instrument(call.span)
                         .await
                 };
+                // Jobs the command woke or started run up to their next wait first, so their
+                // events come before the reply, as in QEMU.
+                self.jobs.quiesce(QUIESCE_BOUND).await;
                 // The caller may have gone (client disconnected mid-command): nothing to do.
                 let _ = call.reply.send(result);
             }

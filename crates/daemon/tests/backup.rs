@@ -865,6 +865,95 @@ fn a_filter_bitmap_limits_the_snapshot_as_in_qemu_storage_daemon() {
     common::assert_same_transcript(&ours, &theirs);
 }
 
+/// Replies and events in the order they arrive. A job a command wakes from its speed-limit
+/// sleep (pause, resume, cancel) or starts with nothing to copy does its part before the
+/// reply. QEMU's paused/running pairs around drained sections are left out (we do not send
+/// them).
+fn run_reply_order(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out: Vec<String> = Vec::new();
+    let steps = [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 1}),
+        ),
+        ("job-pause", json!({"id": "j"})),
+        ("job-resume", json!({"id": "j"})),
+        ("block-job-set-speed", json!({"device": "j", "speed": 1})),
+        ("block-job-cancel", json!({"device": "j"})),
+        (
+            "blockdev-backup",
+            json!({"job-id": "k", "device": "src", "target": "tgt", "sync": "bitmap",
+                   "bitmap": "b0"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "m", "device": "src", "target": "tgt", "sync": "none"}),
+        ),
+        ("job-cancel", json!({"id": "m"})),
+    ];
+    for (cmd, args) in steps {
+        out.push(format!("> {cmd}"));
+        c.execute(cmd, args);
+        let mut replied = false;
+        // Up to the reply, then whatever follows within a moment.
+        loop {
+            let v = if replied {
+                match c.read_within(Duration::from_millis(300)) {
+                    Some(v) => v,
+                    None => break,
+                }
+            } else {
+                c.read().expect("message")
+            };
+            match v.get("event") {
+                Some(e) => {
+                    let mut data = v["data"].clone();
+                    if data.get("offset").is_some() {
+                        data["offset"] = json!(0);
+                    }
+                    out.push(format!("  {e} {}", canon(&data)));
+                }
+                None => {
+                    out.push(format!("< {}", canon(&v)));
+                    replied = true;
+                }
+            }
+        }
+    }
+    let mut shown: Vec<String> = Vec::new();
+    for line in out {
+        let running = line.contains("\"status\":\"running\"");
+        if running
+            && shown
+                .last()
+                .is_some_and(|l| l.contains("\"status\":\"paused\""))
+        {
+            shown.pop();
+            continue;
+        }
+        shown.push(line);
+    }
+    shown
+}
+
+#[test]
+fn replies_follow_the_events_of_the_jobs_they_wake_as_in_qemu_storage_daemon() {
+    let ours = run_reply_order(&common::blockjobd());
+    let theirs = run_reply_order(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

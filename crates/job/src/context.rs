@@ -19,7 +19,21 @@ pub(crate) async fn supervise(
     shared: &Shared,
     bound: Duration,
 ) -> Result<(), String> {
-    let mut run = tokio::spawn(async move { driver.run(ctx).await });
+    let shared_run = ctx.shared.clone();
+    let manager = ctx.manager.clone();
+    let mut body = Box::pin(async move { driver.run(ctx).await });
+    // Counts the polls of `run` for `JobManager::quiesce`: a poll that ends is the job waiting
+    // again (or returning).
+    let observed = std::future::poll_fn(move |cx| {
+        let r = std::future::Future::poll(body.as_mut(), cx);
+        if r.is_ready() {
+            shared_run.returned.store(true, Ordering::SeqCst);
+        }
+        shared_run.polls.fetch_add(1, Ordering::SeqCst);
+        manager.inner.stir.notify_waiters();
+        r
+    });
+    let mut run = tokio::spawn(observed);
     let mut cancelled = shared.force_cancel.subscribe();
     let cancel_requested = async move {
         let _ = cancelled.wait_for(|c| *c).await.map(|_| ());

@@ -92,7 +92,7 @@ impl JobManager {
                     if !job.started {
                         job.run_done = true;
                     }
-                    job.shared.wake.notify_one();
+                    job.shared.kick();
                 }
             }
         }
@@ -184,6 +184,8 @@ impl JobManager {
         let mut st = self.lock().await;
         st.finalizing.retain(|t| *t != txn);
         st.aborting_txns.retain(|t| *t != txn);
+        drop(st);
+        self.inner.stir.notify_waiters();
     }
 
     pub(crate) async fn do_finalize(&self, st: &mut State, txn: TxnId) {

@@ -70,6 +70,37 @@ pub(crate) struct Shared {
     pub(crate) force_cancel: watch::Sender<bool>,
     pub(crate) rate: StdMutex<Rate>,
     pub(crate) last_error_event: StdMutex<Option<(IoOperation, ErrorAction, Instant)>>,
+    /// Polls of `run` so far (see [`JobManager::quiesce`]).
+    pub(crate) polls: AtomicU64,
+    /// `run` has to be polled up to here before the job has reacted to its last wake-up.
+    pub(crate) kick_mark: AtomicU64,
+    /// `run` returned.
+    pub(crate) returned: AtomicBool,
+    /// The job's task ended: what followed `run` (waiting, finalization) is done.
+    pub(crate) finished: AtomicBool,
+}
+
+impl Shared {
+    /// Wakes the job. A job that was idle (sleeping or parked) has to run until it waits
+    /// again before the control plane replies: QEMU enters an idle job's coroutine inside
+    /// the command, so what it does then (pausing, ending) comes before the reply. A busy
+    /// job only notices later, in QEMU too.
+    pub(crate) fn kick(&self) {
+        if self.idle.load(Ordering::SeqCst) {
+            let next = self.polls.load(Ordering::SeqCst) + 1;
+            self.kick_mark.fetch_max(next, Ordering::SeqCst);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Still owes a reaction to a wake-up, or is between `run` returning and its task's end.
+    fn unsettled(&self) -> bool {
+        if self.finished.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.returned.load(Ordering::SeqCst)
+            || self.kick_mark.load(Ordering::SeqCst) > self.polls.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug)]
@@ -182,6 +213,9 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) events: EventSink,
     pub(crate) cancel_bound: Duration,
+    /// Some job ran (a poll of `run`, its task's end, a finalization): for
+    /// [`JobManager::quiesce`].
+    pub(crate) stir: Notify,
 }
 
 /// Owns every job. Cheap to clone.
@@ -238,6 +272,7 @@ impl JobManager {
                 state: Mutex::new(State::default()),
                 events,
                 cancel_bound,
+                stir: Notify::new(),
             }),
         }
     }
@@ -291,6 +326,10 @@ impl JobManager {
                 not_before: None,
             }),
             last_error_event: StdMutex::new(None),
+            polls: AtomicU64::new(0),
+            kick_mark: AtomicU64::new(0),
+            returned: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         });
         let mut rec = JobRec {
             id: opts.id,
@@ -329,6 +368,8 @@ impl JobManager {
         job.started = true;
         job.pause_count -= 1;
         job.set_pause_requested();
+        // QEMU runs a new job's coroutine up to its first wait inside the command.
+        job.shared.kick_mark.store(1, Ordering::SeqCst);
         transition(&self.inner.events, job, JobStatus::Running);
         let ctx = JobContext {
             manager: self.clone(),
@@ -348,6 +389,8 @@ impl JobManager {
                     tracing::debug!(target: "job", "failed: {e}");
                 }
                 mgr.run_finished(&id, result).await;
+                shared.finished.store(true, Ordering::SeqCst);
+                mgr.inner.stir.notify_waiters();
             },
             span,
         ));
@@ -372,6 +415,32 @@ impl JobManager {
         st.get(id)
             .map(|j| j.driver.clone())
             .ok_or(JobError::NotFound)
+    }
+
+    /// Waits (at most `bound`) until every job woken since it last waited has run up to its
+    /// next wait, and every job whose `run` returned has been through what follows (its
+    /// transaction's finalization included). The control plane calls this before it replies,
+    /// so the events of a job a command woke come before the reply, as in QEMU, where the
+    /// command enters the job's coroutine itself. A job busy with I/O is not waited for.
+    pub async fn quiesce(&self, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let stirred = self.inner.stir.notified();
+            tokio::pin!(stirred);
+            stirred.as_mut().enable();
+            {
+                let st = self.lock().await;
+                let busy = !st.deferred.is_empty()
+                    || !st.finalizing.is_empty()
+                    || st.jobs.iter().any(|j| j.started && j.shared.unsettled());
+                if !busy {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, stirred).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Refuses `verb` if the job's state does not allow it.

@@ -51,7 +51,7 @@ impl JobManager {
         if job.parked {
             self.show_paused(job);
         }
-        job.shared.wake.notify_one();
+        job.shared.kick();
         Ok(())
     }
 
@@ -113,7 +113,7 @@ impl JobManager {
             }
         }
         if job.pause_count == 0 {
-            job.shared.wake.notify_one();
+            job.shared.kick();
         }
     }
 
@@ -152,7 +152,7 @@ impl JobManager {
                 self.txn_abort(st, txn).await;
             }
         } else {
-            job.shared.wake.notify_one();
+            job.shared.kick();
         }
     }
 
@@ -167,7 +167,7 @@ impl JobManager {
             )));
         }
         job.driver.complete().map_err(JobError::Refused)?;
-        job.shared.wake.notify_one();
+        job.shared.kick();
         Ok(())
     }
 
@@ -206,7 +206,7 @@ impl JobManager {
             r.speed = speed;
             r.not_before = None;
         }
-        job.shared.wake.notify_one();
+        job.shared.kick();
         Ok(())
     }
 
@@ -254,5 +254,5 @@ pub(crate) fn cancel_async(job: &mut JobRec, force: bool) {
         job.shared.cancelled.store(true, Ordering::SeqCst);
         job.shared.force_cancel.send_replace(true);
     }
-    job.shared.wake.notify_one();
+    job.shared.kick();
 }

@@ -149,6 +149,26 @@ impl Client {
         }
     }
 
+    /// Reads one message if one comes within `wait`.
+    pub fn read_within(&mut self, wait: Duration) -> Option<Value> {
+        self.stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut text = String::new();
+        let got = loop {
+            match self.reader.read_line(&mut text) {
+                Ok(0) | Err(_) => break None,
+                Ok(_) => {
+                    if let Ok(v) = serde_json::from_str(&text) {
+                        break Some(v);
+                    }
+                }
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        got
+    }
+
     /// Reads the next reply, skipping events.
     pub fn reply(&mut self) -> Value {
         loop {
