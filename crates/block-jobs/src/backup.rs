@@ -581,13 +581,14 @@ impl Backup {
         }));
     }
 
-    /// A failed copy: the error action decides. `Err` fails the job.
+    /// A failed copy: the error action decides. `Err` fails the job; `Ok(true)`: it was
+    /// stopped (paused until resumed or cancelled).
     async fn on_error(
         &self,
         ctx: &JobContext,
         read: bool,
         e: &block::BlockError,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let nospace = e.kind() == block::ErrorKind::NoSpace;
         let (policy, op) = if read {
             (self.spec.on_source_error, IoOperation::Read)
@@ -599,7 +600,8 @@ impl Backup {
         ctx.io_error(op, action, nospace).await;
         match action {
             ErrorAction::Report => Err(strerror(e)),
-            ErrorAction::Ignore | ErrorAction::Stop => Ok(()),
+            ErrorAction::Ignore => Ok(false),
+            ErrorAction::Stop => Ok(true),
         }
     }
 
@@ -646,6 +648,7 @@ impl Backup {
         let mut set = tokio::task::JoinSet::new();
         let mut cursor = 0;
         let mut pace = Pace::default();
+        let mut retrying = false;
         let cbw = self.parts.lock().await.as_ref().map(|p| p.cbw.clone());
         loop {
             let speed = ctx.speed();
@@ -668,11 +671,13 @@ impl Backup {
             let max_workers = Pace::max_workers(speed, chunk, self.spec.max_workers);
             let workers = pace.workers(speed, chunk, max_workers);
             ctx.pause_point().await;
-            if ctx.is_cancelled() {
+            if ctx.is_cancelled() && !retrying {
+                // As QEMU's cancelled block-copy call: the chunks in flight finish first.
+                while set.join_next().await.is_some() {}
                 return Ok(());
             }
             if let Some(e) = bcs.take_error() {
-                self.on_error(ctx, false, &e).await?;
+                retrying |= self.on_error(ctx, false, &e).await?;
             }
             while set.len() < workers {
                 // A drained source or target pauses the job here, invisibly (QEMU pauses it
@@ -680,7 +685,8 @@ impl Backup {
                 self.spec.source.undrained().await;
                 self.spec.target.undrained().await;
                 ctx.rate_wait().await;
-                if ctx.is_cancelled() {
+                if ctx.is_cancelled() && !retrying {
+                    while set.join_next().await.is_some() {}
                     return Ok(());
                 }
                 match bcs.copy_next_run(cursor, limit).await {
@@ -696,6 +702,9 @@ impl Backup {
                     None => break,
                 }
             }
+            // Resumed after an error stop, QEMU starts the copy again before it looks at a
+            // cancel: one round of chunks goes out whatever happened meanwhile.
+            retrying = false;
             match set.join_next().await {
                 Some(Ok((Ok(Ok(bytes)), took))) => {
                     let now = std::time::Instant::now();
@@ -710,7 +719,7 @@ impl Backup {
                             pace.record(took, bytes, std::time::Instant::now(), max_workers);
                         }
                     }
-                    self.on_error(ctx, e.read, &e.error).await?
+                    retrying |= self.on_error(ctx, e.read, &e.error).await?;
                 }
                 Some(Ok((Err(_), _))) | Some(Err(_)) => {
                     return Err("the copy failed unexpectedly (internal error)".into())
@@ -718,7 +727,7 @@ impl Backup {
                 None => {
                     bcs.settled().await;
                     if let Some(e) = bcs.take_error() {
-                        self.on_error(ctx, false, &e).await?;
+                        retrying |= self.on_error(ctx, false, &e).await?;
                     }
                     if bcs.is_done() {
                         return Ok(());

@@ -1484,8 +1484,9 @@ fn blkdebug_rules_fire_where_qemus_do() {
 /// write whose old data cannot be read fails under break-guest-write and goes on under
 /// break-snapshot.
 /// A target write fails in the second of four 1 MiB chunks copied at once: the other three
-/// finish before the job acts on the error, so the failure reports 3 MiB done.
-fn run_failure_progress(program: &Path, action: &str) -> Vec<String> {
+/// finish before the job acts on the error, so the failure reports 3 MiB done. With `stop`,
+/// `then` (job-resume or job-cancel) follows the pause.
+fn run_failure_progress(program: &Path, action: &str, then: &str) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
     common::qemu_img(&["create", "-f", "raw", "t.raw", "4M"], dir.path());
@@ -1528,7 +1529,24 @@ fn run_failure_progress(program: &Path, action: &str) -> Vec<String> {
             "offset when paused {}",
             jobs["return"][0]["offset"]
         ));
-        c.cmd("job-resume", json!({"id": "j"}));
+        // Replies and events in order: a cancel resumes the job inside the command (its
+        // `running` comes first), its end comes after the reply.
+        c.execute(then, json!({"id": "j"}));
+        let (mut replied, mut ended) = (false, false);
+        while !(replied && ended) {
+            let v = c.read().expect("message");
+            match v.get("event") {
+                Some(e) => {
+                    ended |= v["data"]["status"] == "null";
+                    out.push(format!("  {e} {}", canon(&v["data"])));
+                }
+                None => {
+                    replied = true;
+                    out.push(format!("< {}", canon(&v)));
+                }
+            }
+        }
+        return out;
     }
     let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
     out.push(format!("completed {}", canon(&done["data"])));
@@ -1537,9 +1555,13 @@ fn run_failure_progress(program: &Path, action: &str) -> Vec<String> {
 
 #[test]
 fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
-    for action in ["report", "stop"] {
-        let ours = run_failure_progress(&common::blockjobd(), action);
-        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action);
+    for (action, then) in [
+        ("report", ""),
+        ("stop", "job-resume"),
+        ("stop", "job-cancel"),
+    ] {
+        let ours = run_failure_progress(&common::blockjobd(), action, then);
+        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action, then);
         common::assert_same_transcript(&ours, &theirs);
     }
 }

@@ -226,7 +226,9 @@ impl JobContext {
         }
         drop(st);
         if action == ErrorAction::Stop {
+            self.shared.error_stopped.store(true, Ordering::SeqCst);
             self.pause_point().await;
+            self.shared.error_stopped.store(false, Ordering::SeqCst);
         }
     }
 }

@@ -88,7 +88,7 @@ impl JobManager {
             for m in st.members(txn) {
                 let job = &mut st.jobs[m];
                 if job.error.is_none() {
-                    cancel_async(job, true);
+                    cancel_async(&self.inner.events, job, true);
                     if !job.started {
                         job.run_done = true;
                     }
@@ -145,7 +145,7 @@ impl JobManager {
                 }
                 for m in st.members(txn) {
                     if st.jobs[m].error.is_none() {
-                        cancel_async(&mut st.jobs[m], true);
+                        cancel_async(&self.inner.events, &mut st.jobs[m], true);
                     }
                 }
                 return;

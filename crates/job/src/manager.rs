@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) returned: AtomicBool,
     /// The job's task ended: what followed `run` (waiting, finalization) is done.
     pub(crate) finished: AtomicBool,
+    /// Paused by an I/O error (`stop`/`enospc`).
+    pub(crate) error_stopped: AtomicBool,
 }
 
 impl Shared {
@@ -85,8 +87,11 @@ impl Shared {
     /// again before the control plane replies: QEMU enters an idle job's coroutine inside
     /// the command, so what it does then (pausing, ending) comes before the reply. A busy
     /// job only notices later, in QEMU too.
+    ///
+    /// A job paused by an I/O error is the exception: QEMU's backup goes back to its copy
+    /// before it looks at a cancel, so the events of a cancel come after the reply there.
     pub(crate) fn kick(&self) {
-        if self.idle.load(Ordering::SeqCst) {
+        if self.idle.load(Ordering::SeqCst) && !self.error_stopped.load(Ordering::SeqCst) {
             let next = self.polls.load(Ordering::SeqCst) + 1;
             self.kick_mark.fetch_max(next, Ordering::SeqCst);
         }
@@ -330,6 +335,7 @@ impl JobManager {
             kick_mark: AtomicU64::new(0),
             returned: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            error_stopped: AtomicBool::new(false),
         });
         let mut rec = JobRec {
             id: opts.id,

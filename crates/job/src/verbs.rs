@@ -140,7 +140,7 @@ impl JobManager {
     }
 
     pub(crate) async fn cancel_locked(&self, st: &mut State, i: usize, force: bool) {
-        cancel_async(&mut st.jobs[i], force);
+        cancel_async(&self.inner.events, &mut st.jobs[i], force);
         let job = &st.jobs[i];
         if !job.started {
             // Never ran: it completes now, as cancelled.
@@ -237,12 +237,19 @@ pub(crate) fn check(job: &JobRec, verb: JobVerb) -> Result<(), JobError> {
 }
 
 /// QEMU's job_cancel_async: records the cancel and lifts a user pause.
-pub(crate) fn cancel_async(job: &mut JobRec, force: bool) {
+pub(crate) fn cancel_async(events: &EventSink, job: &mut JobRec, force: bool) {
     let force = job.driver.cancel(force);
     if job.user_paused {
         job.user_paused = false;
         job.pause_count -= 1;
         job.set_pause_requested();
+        // A job stopped by an I/O error is not waited for (see `Shared::kick`), but QEMU
+        // resumes it inside the command: its `running` comes before the reply.
+        if job.pause_count == 0 && job.shared.error_stopped.load(Ordering::SeqCst) {
+            if let Some(back) = job.resume_to.take() {
+                transition(events, job, back);
+            }
+        }
     }
     if job.run_done && !force {
         return;
