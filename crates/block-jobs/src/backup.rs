@@ -621,6 +621,10 @@ impl Backup {
             let (allocated, n) = block::map::allocated_above(&source, base.as_ref(), at, len - at)
                 .await
                 .map_err(|e| strerror(&e))?;
+            // A scan of cached metadata never waits: let guest requests on this I/O thread
+            // in between (and a command that started the job reply first, as in QEMU, where
+            // the scan's block status yields).
+            tokio::task::yield_now().await;
             let end = if at + n >= len {
                 len
             } else {

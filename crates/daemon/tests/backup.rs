@@ -872,6 +872,12 @@ fn a_filter_bitmap_limits_the_snapshot_as_in_qemu_storage_daemon() {
 fn run_reply_order(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
+    common::qemu_img(
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "ov.qcow2",
+        ],
+        dir.path(),
+    );
     let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out: Vec<String> = Vec::new();
@@ -901,6 +907,17 @@ fn run_reply_order(program: &Path) -> Vec<String> {
             json!({"job-id": "m", "device": "src", "target": "tgt", "sync": "none"}),
         ),
         ("job-cancel", json!({"id": "m"})),
+        // sync=top of an empty overlay: the allocation scan waits, so the end comes after.
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "ov", "backing": "src",
+                   "file": {"driver": "file", "filename": "ov.qcow2"}}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "n", "device": "ov", "target": "tgt", "sync": "top",
+                   "speed": 1}),
+        ),
     ];
     for (cmd, args) in steps {
         out.push(format!("> {cmd}"));
