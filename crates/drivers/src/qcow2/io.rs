@@ -467,10 +467,10 @@ impl Qcow2Driver {
             b
         };
         if a >= full_end {
-            return self.write_explicit_zeroes(offset, len).await;
+            return self.zero_part(offset, len, flags).await;
         }
         if offset < a {
-            self.write_explicit_zeroes(offset, a - offset).await?;
+            self.zero_part(offset, a - offset, flags).await?;
         }
         if self.version < 3 && !(self.backing.is_none() && flags.may_unmap) {
             if flags.no_fallback {
@@ -484,7 +484,26 @@ impl Qcow2Driver {
                 .await?;
         }
         if full_end < end {
-            self.write_explicit_zeroes(full_end, end - full_end).await?;
+            self.zero_part(full_end, end - full_end, flags).await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes that cover clusters only in part: each such cluster becomes a zero cluster if
+    /// it reads as zero already (v3), else its zeroes are written.
+    async fn zero_part(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let cs = self.cs();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let c = at / cs;
+            let piece_end = ((c + 1) * cs).min(end);
+            let widened =
+                self.version >= 3 && self.zero_cluster_if_zero(c, flags.may_unmap).await?;
+            if !widened {
+                self.write_explicit_zeroes(at, piece_end - at).await?;
+            }
+            at = piece_end;
         }
         Ok(())
     }
@@ -523,10 +542,46 @@ impl Qcow2Driver {
     /// QEMU's do (`qemu-img map`); a discard leaves clusters nothing would show through
     /// unallocated (no backing file), and marks the rest zero.
     async fn zero_clusters(&self, c0: u64, c1: u64, may_unmap: bool, discard: bool) -> Result<()> {
-        let cs = self.cs();
-        let l2_span = cs / 8;
         let _excl = self.lock_clusters(c0, c1, LockMode::Exclusive).await;
         let mut meta = self.meta.lock().await;
+        self.zero_clusters_locked(&mut meta, c0, c1, may_unmap, discard)
+            .await
+    }
+
+    /// A write-zeroes of part of cluster `c`: when the whole cluster already reads as zero
+    /// (unallocated without a backing file, or a zero cluster), it becomes a zero cluster, as
+    /// QEMU widens such a request; otherwise `false` and the caller writes the zeroes.
+    async fn zero_cluster_if_zero(&self, c: u64, may_unmap: bool) -> Result<bool> {
+        let _excl = self.lock_clusters(c, c + 1, LockMode::Exclusive).await;
+        let mut meta = self.meta.lock().await;
+        let no_backing = self.backing.is_none();
+        let reads_zero = if meta.l2_missing(c) {
+            no_backing
+        } else {
+            let raw = meta.l2_entry(c).await?;
+            match meta.decode(raw)? {
+                Mapping::Unallocated => no_backing,
+                Mapping::Zero { .. } => true,
+                _ => false,
+            }
+        };
+        if reads_zero {
+            self.zero_clusters_locked(&mut meta, c, c + 1, may_unmap, false)
+                .await?;
+        }
+        Ok(reads_zero)
+    }
+
+    async fn zero_clusters_locked(
+        &self,
+        meta: &mut Meta,
+        c0: u64,
+        c1: u64,
+        may_unmap: bool,
+        discard: bool,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let l2_span = cs / 8;
         let has_backing = self.backing.is_some();
         let zero_flag = if self.version >= 3 { ZERO } else { 0 };
         let (mut tables, mut to_free) = (Vec::new(), Vec::new());
@@ -562,7 +617,7 @@ impl Qcow2Driver {
             }
             gc += 1;
         }
-        self.release(&mut meta, &tables, to_free).await
+        self.release(meta, &tables, to_free).await
     }
 
     // ---- block status --------------------------------------------------------------------
