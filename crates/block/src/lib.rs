@@ -38,5 +38,5 @@ pub use buf::IoVec;
 pub use driver::{BlockDriver, BlockStatus, DebugEvent, Facts, ImageInfo, InfoValue};
 pub use driver::{WriteFlags, ZeroFlags};
 pub use error::{BlockError, ErrorKind, Result, ResultExt};
-pub use node::{BitmapHandle, BlockNode, Child, ChildRole, EdgeSpec};
+pub use node::{BitmapHandle, BlockNode, Child, ChildRole, DetectZeroes, EdgeSpec};
 pub use perm::{EdgePerm, Parent, Perm, PermPolicy};

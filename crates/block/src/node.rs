@@ -28,6 +28,29 @@ use crate::range_lock::RangeLocks;
 pub use crate::child::{Child, ChildRole, EdgeSpec};
 pub use crate::request::{BeforeWriteHook, WriteKind};
 
+/// QEMU's `detect-zeroes` option of a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes go as they are.
+    #[default]
+    Off = 0,
+    /// A write of zero bytes becomes a write-zeroes.
+    On = 1,
+    /// ... that may deallocate (the node must pass discards on, `discard=unmap`).
+    Unmap = 2,
+}
+
+impl DetectZeroes {
+    /// QEMU's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
 /// A node of the block graph: a driver plus the request path state.
 pub struct BlockNode {
     pub(crate) name: String,
@@ -40,6 +63,8 @@ pub struct BlockNode {
     /// QEMU's `discard=ignore`: discards succeed without reaching the driver, and
     /// write-zeroes may not deallocate.
     pub(crate) discard_ignored: AtomicBool,
+    /// QEMU's `detect-zeroes` ([`DetectZeroes`] as a number).
+    pub(crate) detect_zeroes: std::sync::atomic::AtomicU8,
     /// The node's dirty bitmaps; every write, write-zeroes and discard that reaches the node
     /// marks the recording ones, whoever issues it.
     pub(crate) bitmaps: Mutex<Vec<DirtyBitmap>>,
@@ -105,6 +130,7 @@ impl BlockNode {
             hooks: RwLock::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
             discard_ignored: AtomicBool::new(false),
+            detect_zeroes: std::sync::atomic::AtomicU8::new(DetectZeroes::Off as u8),
             bitmaps: Mutex::new(Vec::new()),
         })
     }
@@ -159,6 +185,21 @@ impl BlockNode {
     /// True when discards are dropped at this node (`discard=ignore`).
     pub fn discard_ignored(&self) -> bool {
         self.discard_ignored.load(Ordering::Relaxed)
+    }
+
+    /// Sets QEMU's `detect-zeroes`: writes of zero bytes that reach this node become
+    /// write-zeroes (allowed to deallocate with [`DetectZeroes::Unmap`]).
+    pub fn set_detect_zeroes(&self, mode: DetectZeroes) {
+        self.detect_zeroes.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// The node's `detect-zeroes`.
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        match self.detect_zeroes.load(Ordering::Relaxed) {
+            1 => DetectZeroes::On,
+            2 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        }
     }
 
     /// The node-name.

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use crate::buf::IoVec;
 use crate::driver::{BlockStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, ErrorKind, Result};
-use crate::node::{lock, BlockNode};
+use crate::node::{lock, BlockNode, DetectZeroes};
 use crate::range_lock::LockMode;
 
 /// What kind of modification a before-write hook is told about.
@@ -211,6 +211,16 @@ impl BlockNode {
         }
         if flags.compressed {
             self.check_compressed(offset, len)?;
+        }
+        let detect = self.detect_zeroes();
+        if detect != DetectZeroes::Off && !flags.compressed && data.is_zero() {
+            // QEMU's detect-zeroes: the node sees a write-zeroes instead.
+            let zero = ZeroFlags {
+                may_unmap: detect == DetectZeroes::Unmap,
+                fua: flags.fua,
+                ..ZeroFlags::default()
+            };
+            return self.write_zeroes_entered(offset, len, zero).await;
         }
         self.run_hooks(offset, len, WriteKind::Write).await?;
         let _mark = self.mark_dirty_after(offset, len);

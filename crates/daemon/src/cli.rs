@@ -21,7 +21,7 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
   --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
              [,cache.direct=on|off][,cache.no-flush=on|off]
              [,read-only=on|off][,auto-read-only=on|off]
-             [,detect-zeroes=off][,<driver options>]
+             [,detect-zeroes=off|on|unmap][,<driver options>]
   --blockdev <JSON>
                             configure a block node (drivers: file, raw, qcow2,
                             null-co, null-aio, blkdebug, nbd); runs blockdev-add

@@ -152,7 +152,7 @@ pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value 
     m.insert("backing_file_depth".into(), json!(depth));
     m.insert("active".into(), json!(true));
     m.insert("encrypted".into(), json!(false));
-    m.insert("detect_zeroes".into(), json!("off"));
+    m.insert("detect_zeroes".into(), json!(node.detect_zeroes().as_str()));
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         m.insert(k.into(), json!(0));
     }

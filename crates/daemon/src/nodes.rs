@@ -299,6 +299,16 @@ impl Nodes {
                     .as_deref()
                     .map_or(inherit.discard_unmap, |d| d == "unmap"),
             };
+            let detect_zeroes =
+                match opts.detect_zeroes.as_deref() {
+                    Some("on") => block::DetectZeroes::On,
+                    Some("unmap") if !own.discard_unmap => return Err(QmpError::generic(
+                        "setting detect-zeroes to unmap is not allowed without setting discard \
+                         operation to unmap",
+                    )),
+                    Some("unmap") => block::DetectZeroes::Unmap,
+                    _ => block::DetectZeroes::Off,
+                };
             let driver = opts.driver.clone();
             let parent = &name;
             let opened = match driver.as_str() {
@@ -324,6 +334,7 @@ impl Nodes {
                 None => BlockNode::new(name.clone(), opened.driver),
             };
             node.set_discard_ignored(!own.discard_unmap);
+            node.set_detect_zeroes(detect_zeroes);
             if let Err(e) = node.load_persistent_bitmaps().await {
                 let _ = node.close().await;
                 return Err(QmpError::generic(format!(

@@ -4,8 +4,8 @@
 //! and replies beside its handler (`crate::commands`).
 //!
 //! Only what we honour is listed. A member QEMU has and we do not (`pr-manager`, `aio=native`,
-//! `detect-zeroes=on`, …) is therefore refused with QEMU's own "unexpected" or "does not
-//! accept value" message, and a feature prober sees it is absent.
+//! …) is therefore refused with QEMU's own "unexpected" or "does not accept value" message,
+//! and a feature prober sees it is absent.
 
 use qmp::Schema;
 

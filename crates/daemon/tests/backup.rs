@@ -971,6 +971,106 @@ fn replies_follow_the_events_of_the_jobs_they_wake_as_in_qemu_storage_daemon() {
     common::assert_same_transcript(&ours, &theirs);
 }
 
+/// `detect-zeroes`: refused as `unmap` without `discard: unmap`; zero writes reaching a qcow2
+/// node become zero clusters (a part-cluster one widened to its cluster when the rest reads
+/// as zero); `drive-backup` opens its target with `unmap`.
+fn run_detect_zeroes(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    // Zero bytes stored as data: the backup reads them as data.
+    qemu_io(
+        &["-f", "qcow2", "-c", "write -P 0 6M 1M", "a.qcow2"],
+        dir.path(),
+    );
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    for args in [
+        json!({"driver": "qcow2", "node-name": "x", "detect-zeroes": "unmap", "file": file("t.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "x", "detect-zeroes": "yes", "file": file("t.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "src", "detect-zeroes": "unmap", "discard": "unmap",
+               "file": file("t.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "disk", "detect-zeroes": "on", "file": file("a.qcow2")}),
+    ] {
+        step(&mut c, o, "blockdev-add", args, None);
+    }
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    step(&mut c, o, "nbd-server-start", nbd, None);
+    let export = json!({"type": "nbd", "id": "src", "node-name": "src", "writable": true});
+    step(&mut c, o, "block-export-add", export, None);
+    guest_write(
+        &d,
+        &[
+            "write -P 0 0 128k",
+            "write -P 1 128k 64k",
+            "write -P 0 192k 4k",
+        ],
+    );
+    step(
+        &mut c,
+        o,
+        "drive-backup",
+        json!({"job-id": "j", "device": "disk", "target": "b.qcow2", "format": "qcow2",
+               "sync": "full", "auto-dismiss": false}),
+        None,
+    );
+    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    let mut zeroes: Vec<String> = nodes["return"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| format!("{} {} {}", n["drv"], n["file"], n["detect_zeroes"]))
+        .collect();
+    zeroes.sort();
+    o.push(format!("detect_zeroes: {}", zeroes.join(", ")));
+    loop {
+        let jobs = c.cmd("query-jobs", json!({}));
+        if jobs["return"][0]["status"] == "concluded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.cmd("job-dismiss", json!({"id": "j"}));
+    let dir = quit(&mut c, d);
+    for image in ["t.qcow2", "b.qcow2"] {
+        let map = Command::new("qemu-img")
+            .args(["map", "--output=json", image])
+            .current_dir(dir.path())
+            .output()
+            .expect("qemu-img map");
+        let extents: Value = serde_json::from_slice(&map.stdout).expect("map json");
+        // Host offsets follow the order parallel chunks land in: not compared, and
+        // neighbours alike apart from them are one extent.
+        let mut merged: Vec<(u64, u64, String)> = Vec::new();
+        for e in extents.as_array().into_iter().flatten() {
+            let kind = format!("data {} zero {}", e["data"], e["zero"]);
+            let (start, len) = (
+                e["start"].as_u64().unwrap_or(0),
+                e["length"].as_u64().unwrap_or(0),
+            );
+            match merged.last_mut() {
+                Some(last) if last.2 == kind && last.0 + last.1 == start => last.1 += len,
+                _ => merged.push((start, len, kind)),
+            }
+        }
+        let shown: Vec<String> = merged
+            .iter()
+            .map(|(start, len, kind)| format!("{start}+{len} {kind}"))
+            .collect();
+        o.push(format!("map {image}: {}", shown.join(", ")));
+    }
+    out
+}
+
+#[test]
+fn detect_zeroes_is_qemu_storage_daemons() {
+    let ours = run_detect_zeroes(&common::blockjobd());
+    let theirs = run_detect_zeroes(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

@@ -323,7 +323,11 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
         ),
         (
             json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "plain.raw", "detect-zeroes": "unmap"}}),
-            "Parameter 'detect-zeroes' does not accept value 'unmap'",
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ),
+        (
+            json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "plain.raw", "detect-zeroes": "bogus"}}),
+            "Parameter 'detect-zeroes' does not accept value 'bogus'",
         ),
     ];
     for (req, desc) in cases {

@@ -93,8 +93,7 @@ pub struct BlockdevOptions {
     pub read_only: Option<bool>,
     /// Fall back to read-only when writing is refused.
     pub auto_read_only: Option<bool>,
-    /// `off` only.
-    #[allow(dead_code)]
+    /// `off`, `on` or `unmap` (checked by the schema).
     pub detect_zeroes: Option<String>,
     /// file: the host file.
     pub filename: Option<String>,
@@ -161,7 +160,7 @@ pub const DRIVERS: &[&str] = &[
 pub(crate) fn schema(s: &mut Schema) {
     s.enumeration("BlockdevDriver", DRIVERS)
         .enumeration("BlockdevDiscardOptions", &["ignore", "unmap"])
-        .enumeration("BlockdevDetectZeroesOptions", &["off"])
+        .enumeration("BlockdevDetectZeroesOptions", &["off", "on", "unmap"])
         .enumeration("BlockdevAioOptions", &["threads", "io_uring"])
         .enumeration("OnOffAuto", &["auto", "on", "off"])
         .object("BlockdevCacheOptions", &["*direct:bool", "*no-flush:bool"])

@@ -3,13 +3,13 @@
 //! `mode: existing`, opens) itself.
 //!
 //! In QEMU's order: the source is found; the format defaults to the source's unless the image
-//! exists; a source a job uses is refused; `sync: top` without a backing image becomes `full`;
-//! the image is created with the source's size (for `top` backed by the source's backing
-//! image, for `none` by the source itself, both by the name they were opened with); the target is opened with
-//! `discard: unmap` and the source's cache mode, under an automatic node name, and for `none`
-//! with the source node as its backing. The rest is `blockdev-backup`'s. The job owns the
-//! target: it is closed when the job cleans up. A file created before a later check failed is
-//! left on disk, as QEMU leaves it.
+//! exists; a source a job uses is refused; `sync: top` without a backing image becomes `full`; the
+//! image is created with the source's size (for `top` backed by the source's backing image, for
+//! `none` by the source itself, both by the name they were opened with); the target is opened with
+//! `discard: unmap`, `detect-zeroes: unmap` and the source's cache mode, under an automatic node
+//! name, and for `none` with the source node as its backing. The rest is `blockdev-backup`'s. The
+//! job owns the target: it is closed when the job cleans up. A file created before a later check
+//! failed is left on disk, as QEMU leaves it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -157,6 +157,7 @@ pub async fn prepare(
     let mut opts = json!({
         "driver": format,
         "discard": "unmap",
+        "detect-zeroes": "unmap",
         "cache": {"direct": cache.direct, "no-flush": cache.no_flush},
         "file": {"driver": "file", "filename": args.target},
     });
