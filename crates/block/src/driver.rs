@@ -109,6 +109,10 @@ pub struct BlockStatus {
     pub compressed: bool,
     /// Where the bytes live in the node's `file` child, when they live there contiguously.
     pub host_offset: Option<u64>,
+    /// Data whose zeroes only the `file` child knows (QEMU's BDRV_BLOCK_RECURSE): a map asks
+    /// the file whether the host range is a hole. qcow2 sets it only for images with
+    /// preallocated metadata, as QEMU does; elsewhere a data cluster is data.
+    pub recurse: bool,
 }
 
 impl BlockStatus {
@@ -121,6 +125,7 @@ impl BlockStatus {
             zero: false,
             compressed: false,
             host_offset,
+            recurse: false,
         }
     }
 
@@ -133,6 +138,7 @@ impl BlockStatus {
             zero: true,
             compressed: false,
             host_offset,
+            recurse: false,
         }
     }
 
@@ -145,6 +151,7 @@ impl BlockStatus {
             zero: false,
             compressed: false,
             host_offset: None,
+            recurse: false,
         }
     }
 }
@@ -184,6 +191,11 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
 
     /// Length of the node in bytes.
     fn len(&self) -> u64;
+
+    /// Bytes the node's storage takes on the host (a file's allocated blocks), when known.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 
     /// Facts the request path obeys.
     fn facts(&self) -> Facts {

@@ -2,8 +2,9 @@
 //!
 //! One primitive ([`BlockDriver::block_status`](crate::driver::BlockDriver::block_status)) per
 //! layer; this module walks down the backing chain where a layer is unallocated, refines "data"
-//! with what the `file` child knows (a data cluster over a hole reads as zero), and merges
-//! neighbours with equal attributes.
+//! with what the `file` child knows when the layer asks for it (`BlockStatus::recurse`: a
+//! data cluster of preallocated metadata over a hole reads as zero), and merges neighbours with
+//! equal attributes.
 
 use std::sync::Arc;
 
@@ -61,7 +62,7 @@ pub async fn extent_at(top: &Arc<BlockNode>, offset: u64, len: u64) -> Result<Ma
         len = st.len;
         if st.allocated {
             let mut zero = st.zero;
-            if st.data && !st.zero {
+            if st.data && !st.zero && st.recurse {
                 if let (Some(host), Some(file)) = (st.host_offset, storage_file(&node)) {
                     let file = file.node();
                     if host < file.len() {

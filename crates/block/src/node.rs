@@ -243,6 +243,11 @@ impl BlockNode {
         self.driver.len()
     }
 
+    /// Bytes the node's storage takes on the host, when its driver knows.
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.driver.allocated_bytes()
+    }
+
     /// True for a zero-length node.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -663,3 +663,4 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
         "qsd.raw",
     ]));
 }
+

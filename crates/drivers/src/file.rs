@@ -426,6 +426,19 @@ impl BlockDriver for FileDriver {
         self.len.load(Ordering::Acquire)
     }
 
+    fn allocated_bytes(&self) -> Option<u64> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat on a descriptor we own into a buffer of the right type; the buffer is
+        // read only when the call succeeded and filled it.
+        let done = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
+        if done != 0 {
+            return None;
+        }
+        // SAFETY: fstat returned 0, so it wrote the whole struct.
+        let st = unsafe { st.assume_init() };
+        u64::try_from(st.st_blocks).ok().map(|b| b * 512)
+    }
+
     fn facts(&self) -> Facts {
         let memory = if self.options.direct { DIRECT_ALIGN } else { 1 };
         Facts {

@@ -214,6 +214,7 @@ impl BlockDriver for NbdDriver {
             zero,
             compressed: false,
             host_offset: None,
+            recurse: false,
         })
     }
 

@@ -623,6 +623,39 @@ impl Qcow2Driver {
     // ---- block status --------------------------------------------------------------------
 
     pub(super) async fn status_at(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let prealloc = *self
+            .metadata_prealloc
+            .get_or_try_init(|| self.detect_metadata_prealloc())
+            .await?;
+        let mut st = self.status_of_layer(offset, len).await?;
+        st.recurse = prealloc && st.data && st.host_offset.is_some();
+        Ok(st)
+    }
+
+    /// QEMU's guess that an image has preallocated metadata: clearly more clusters are in use
+    /// (refcount > 0) than the file has allocated on the host — at least a ninth more, and two.
+    async fn detect_metadata_prealloc(&self) -> Result<bool> {
+        let file = self.file.node();
+        let Some(allocated) = file.allocated_bytes() else {
+            return Ok(false);
+        };
+        let cs = self.cs();
+        let real = allocated / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = file.len().div_ceil(cs);
+        let mut meta = self.meta.lock().await;
+        let mut used = 0;
+        let mut c = 0;
+        while c < end && used < threshold {
+            if meta.refcount(c).await? > 0 {
+                used += 1;
+            }
+            c += 1;
+        }
+        Ok(used >= threshold)
+    }
+
+    async fn status_of_layer(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let cs = self.cs();
         let l2_span = cs / 8;
         let gc = offset / cs;

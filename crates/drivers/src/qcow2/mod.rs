@@ -54,6 +54,10 @@ pub struct Qcow2Driver {
     zero_cluster: Bytes,
     /// The bitmap directory as stored (loaded with the bitmaps, replaced when they are stored).
     stored_bitmaps: Mutex<Vec<bitmaps::DirEntry>>,
+    /// The image looks like it was created with preallocated metadata (decided at the first
+    /// block status, as QEMU does): its data clusters may sit over holes, so a map asks the
+    /// file whether they read as zero.
+    metadata_prealloc: tokio::sync::OnceCell<bool>,
 }
 
 /// Reads and checks the header of the qcow2 image in `file`.
@@ -132,6 +136,7 @@ impl Qcow2Driver {
             zero_cluster: Bytes::from(vec![0u8; 1 << cluster_bits]),
             header_snapshot: header,
             stored_bitmaps: Mutex::new(Vec::new()),
+            metadata_prealloc: tokio::sync::OnceCell::new(),
         };
         if writable && has_bitmaps {
             driver.mark_bitmaps_in_use().await?;
