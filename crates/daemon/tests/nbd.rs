@@ -664,3 +664,73 @@ fn nbd_driver_against_qemu_nbd_and_qemu_storage_daemon() {
     ]));
 }
 
+/// Guest writes of 4 KiB into fresh clusters of a qcow2 export, and into an image with
+/// preallocated metadata: the client's maps, the image's size and allocation, and what
+/// `qemu-img check` says match qemu-storage-daemon's (QEMU zeroes a new cluster on the host
+/// before it writes part of it, and asks the file about zeroes only for preallocated metadata).
+fn fresh_cluster_writes(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    qemu_img(&["create", "-f", "qcow2", "a.qcow2", "4M"], dir.path());
+    qemu_img(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "p.qcow2",
+            "4M",
+        ],
+        dir.path(),
+    );
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let sock = d.path("nbd.sock");
+    c.cmd(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    );
+    let mut out = Vec::new();
+    for name in ["a", "p"] {
+        let file = format!("{name}.qcow2");
+        c.cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": name,
+                   "file": {"driver": "file", "filename": file}}),
+        );
+        c.cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": name, "node-name": name, "writable": true}),
+        );
+        let target = uri(&sock, name);
+        qemu_io(&target, &["write -P 1 0 4k", "write -P 2 200k 4k"]);
+        let map = run(Command::new("nbdinfo").arg("--map").arg(&target));
+        out.push(format!("{name} map: {map}"));
+    }
+    c.cmd("quit", json!({}));
+    let mut d = d;
+    d.wait();
+    for name in ["a", "p"] {
+        let path = d.path(&format!("{name}.qcow2"));
+        let md = std::fs::metadata(&path).expect("stat");
+        use std::os::unix::fs::MetadataExt;
+        out.push(format!("{name} size {} blocks {}", md.len(), md.blocks()));
+        let check = Command::new("qemu-img")
+            .arg("check")
+            .arg(&path)
+            .output()
+            .expect("check");
+        out.push(format!(
+            "{name} check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        ));
+    }
+    out
+}
+
+#[test]
+fn writes_into_fresh_clusters_leave_the_image_qemu_storage_daemon_leaves() {
+    let ours = fresh_cluster_writes(&common::blockjobd());
+    let theirs = fresh_cluster_writes(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}

@@ -578,7 +578,20 @@ impl BlockDriver for FileDriver {
             }
         }
         if end > size && self.seekable_holes {
-            self.grow_to(end).await?;
+            // Zeroes past the end are allocated (as unwritten extents), as QEMU's
+            // FALLOC_FL_ZERO_RANGE without KEEP_SIZE does, unless they may be left unmapped.
+            let from = offset.max(size);
+            let allocated = !flags.may_unmap
+                && self
+                    .engine
+                    .fallocate(&self.fd, libc::FALLOC_FL_ZERO_RANGE, from, end - from)
+                    .await
+                    .is_ok();
+            if allocated {
+                self.len.fetch_max(end, Ordering::AcqRel);
+            } else {
+                self.grow_to(end).await?;
+            }
         }
         if flags.fua {
             self.sync().await?;

@@ -342,6 +342,26 @@ impl Qcow2Driver {
             let mut vec = IoVec::new();
             let mut host = targets[i].host + (from - g0 * cs);
             let skip_pad = |t: &Target, m: Mapping| t.blank && self.reads_zero(m);
+            let head_pad = g0 == c0 && offset > g0 * cs;
+            let tail_pad = g1 - 1 == last && end < g1 * cs;
+            if targets[i].fresh
+                && (head_pad || tail_pad)
+                && skip_pad(&targets[i], old[i])
+                && skip_pad(&targets[j - 1], old[j - 1])
+            {
+                // The pads read as zero already; like QEMU, zero the new clusters on the host
+                // first (allocated, not written) so the image's size and allocation are its.
+                let fast = ZeroFlags {
+                    no_fallback: true,
+                    ..ZeroFlags::default()
+                };
+                let span = (g1 - g0) * cs;
+                match self.file.write_zeroes(targets[i].host, span, fast).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == block::ErrorKind::Unsupported => {}
+                    Err(e) => return Err(e),
+                }
+            }
             if targets[i].fresh && !skip_pad(&targets[i], old[i]) {
                 host = targets[i].host;
                 if g0 == c0 && offset > g0 * cs {
