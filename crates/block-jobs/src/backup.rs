@@ -515,6 +515,9 @@ impl Backup {
                 .map_err(|e| e.within("Could not create node"))?;
             let (node, cbw) = CopyBeforeWrite::open(filter.clone(), file, target, opts)
                 .map_err(|e| e.within("Could not create node"))?;
+            // QEMU opens the job's filter without `discard=unmap`: guest discards stop there
+            // while the backup runs, and write-zeroes do not deallocate.
+            node.set_discard_ignored(true);
             made = Some(cbw);
             Ok(node)
         })

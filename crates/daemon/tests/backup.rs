@@ -1071,6 +1071,78 @@ fn detect_zeroes_is_qemu_storage_daemons() {
     common::assert_same_transcript(&ours, &theirs);
 }
 
+/// Guest discards and write-zeroes during a backup: the job's filter drops discards (QEMU
+/// opens it without `discard=unmap`) and its write-zeroes do not deallocate; the target is the
+/// disk at the command.
+fn run_discards_during_backup(program: &Path) -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    save_before(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let src = json!({"driver": "qcow2", "node-name": "src", "discard": "unmap",
+                     "file": {"driver": "file", "filename": "a.qcow2"}});
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    let export = json!({"type": "nbd", "id": "src", "node-name": "src", "writable": true});
+    for (cmd, args) in [
+        ("blockdev-add", src),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        ("nbd-server-start", nbd),
+        ("block-export-add", export),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 65536}),
+        ),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    guest_write(
+        &d,
+        &[
+            "write -z 1M 256k",
+            "discard 3M 192k",
+            "write -z -u 5M 128k",
+            "write -P 9 9M 4k",
+        ],
+    );
+    step(
+        &mut c,
+        o,
+        "block-job-set-speed",
+        json!({"device": "j", "speed": 0}),
+        Some("j"),
+    );
+    let dir = quit(&mut c, d);
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "a.qcow2"])
+        .current_dir(dir.path())
+        .output()
+        .expect("qemu-img map");
+    let extents: Value = serde_json::from_slice(&map.stdout).expect("map json");
+    for e in extents.as_array().into_iter().flatten() {
+        o.push(format!(
+            "source {}+{} data {} zero {}",
+            e["start"], e["length"], e["data"], e["zero"]
+        ));
+    }
+    (out, dir)
+}
+
+#[test]
+fn guest_discards_during_a_backup_are_qemu_storage_daemons() {
+    let (ours, dir) = run_discards_during_backup(&common::blockjobd());
+    let (theirs, _) = run_discards_during_backup(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+    assert_identical(
+        dir.path(),
+        &["-f", "raw", "-F", "qcow2", "before.raw", "t.qcow2"],
+        "the target is not the disk at the command",
+    );
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
