@@ -504,6 +504,7 @@ impl Backup {
             discard_source: spec.discard_source,
             on_cbw_error: spec.on_cbw_error,
             use_copy_range: spec.use_copy_range,
+            write_behind: true,
             ..CbwOptions::default()
         };
         let inserted = graph::insert_filter_with(&spec.source, Some(file_spec), |file| {

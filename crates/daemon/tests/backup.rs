@@ -1143,6 +1143,92 @@ fn guest_discards_during_a_backup_are_qemu_storage_daemons() {
     );
 }
 
+/// A copy-before-write filter of `blockdev-add` whose target fails every write: with
+/// `break-snapshot` the guest write goes on and the snapshot is broken (even its untouched
+/// ranges read "Invalid argument"); with `break-guest-write` the guest write fails.
+fn run_filter_target_failure(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    for t in ["t1.raw", "t2.raw"] {
+        common::qemu_img(&["create", "-f", "raw", t, "16M"], dir.path());
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let failing = |name: &str, file: &str| {
+        json!({"driver": "raw", "node-name": name, "file": {"driver": "blkdebug",
+               "inject-error": [{"event": "write_aio", "errno": 5}],
+               "image": {"driver": "file", "filename": file}}})
+    };
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    let export = |id: &str, writable: bool| json!({"type": "nbd", "id": id, "node-name": id, "writable": writable});
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        ("blockdev-add", failing("t1", "t1.raw")),
+        ("blockdev-add", failing("t2", "t2.raw")),
+        (
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": "snap", "file": "src",
+                   "target": "t1", "on-cbw-error": "break-snapshot", "cbw-timeout": 30}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc", "file": "snap"}),
+        ),
+        ("nbd-server-start", nbd),
+        ("block-export-add", export("snap", true)),
+        ("block-export-add", export("acc", false)),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", d.path("nbd.sock").display());
+    let io = |args: &[&str], name: &str| {
+        let out = Command::new("qemu-io")
+            .args(args)
+            .arg(uri(name))
+            .current_dir(d.dir.path())
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    o.push(io(&["-r", "-f", "raw", "-c", "read -P 0x11 0 64k"], "acc"));
+    o.push(io(&["-f", "raw", "-c", "write -P 0x33 0 64k"], "snap"));
+    o.push(io(&["-r", "-f", "raw", "-c", "read -P 0x11 1M 64k"], "acc"));
+    for (cmd, args) in [
+        ("block-export-del", json!({"id": "acc"})),
+        ("block-export-del", json!({"id": "snap"})),
+        ("blockdev-del", json!({"node-name": "acc"})),
+        ("blockdev-del", json!({"node-name": "snap"})),
+        (
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": "guard", "file": "src",
+                   "target": "t2"}),
+        ),
+        ("block-export-add", export("guard", true)),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    o.push(io(&["-f", "raw", "-c", "write -P 0x44 2M 64k"], "guard"));
+    o.push(io(
+        &["-r", "-f", "raw", "-c", "read -P 0x11 2M 64k"],
+        "guard",
+    ));
+    out
+}
+
+#[test]
+fn a_filter_whose_target_fails_breaks_the_snapshot_or_the_guest_write_as_in_qsd() {
+    let ours = run_filter_target_failure(&common::blockjobd());
+    let theirs = run_filter_target_failure(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

@@ -10,9 +10,10 @@
 //!
 //! A write, write-zeroes or discard asks the node's [`BlockCopy`] to protect the clusters it
 //! touches, then goes to `file`. Reads, flushes and block status go to `file` unchanged. What
-//! the guest waits for is the read of the old data only (see `block_copy`): the write to the
-//! target happens behind it, unless the target's readers see the source (fleecing into an
-//! image backed by the source), where the guest waits for the target too, as in QEMU.
+//! a backup's guest waits for is the read of the old data only (see `block_copy`,
+//! [`CbwOptions::write_behind`]): the write to the target happens behind it, unless the target's
+//! readers see the source (fleecing into an image backed by the source). There, and for filters
+//! of `blockdev-add`, the guest waits for the target too, as in QEMU.
 //!
 //! When protecting fails (or takes longer than `cbw-timeout`): with `break-guest-write` the
 //! guest's write fails and the source is untouched; with `break-snapshot` the write goes on and
@@ -65,6 +66,11 @@ pub struct CbwOptions {
     /// The background copy goes through `copy_file_range` where it can (backup
     /// `x-perf.use-copy-range`).
     pub use_copy_range: bool,
+    /// A guest write waits for the read of the old data only; the target write happens behind
+    /// it, and a failed one is retried and reported to the job (a backup's filter). Otherwise
+    /// (a filter of `blockdev-add`) the guest waits for the target too, as in QEMU, so a failed
+    /// target write fails the guest write or breaks the snapshot as `on-cbw-error` says.
+    pub write_behind: bool,
 }
 
 /// The copy cluster for `target`: at least 64 KiB and `min_cluster_size`, and at least the
@@ -183,7 +189,7 @@ impl CopyBeforeWrite {
     ) -> Result<(Arc<BlockNode>, Arc<CopyBeforeWrite>)> {
         let cluster = cluster_size(&target.node(), opts.min_cluster_size)
             .map_err(|e| e.within("Cannot create block-copy-state"))?;
-        let write_through = chain_contains(&target.node(), &file.node());
+        let write_through = !opts.write_behind || chain_contains(&target.node(), &file.node());
         let driver = Arc::new(CopyBeforeWrite {
             file: file.clone(),
             target: target.clone(),
@@ -540,8 +546,9 @@ mod tests {
 
     /// Guest writes through the filter race snapshot reads (pull fleecing): every snapshot
     /// read returns the source as it was when the filter went in, whichever grains of a
-    /// cluster the guest protected and whatever the target holds or is still writing.
-    async fn run(len_clusters: u64, ops: Vec<(bool, u64, u64, u8, u64)>) {
+    /// cluster the guest protected and whatever the target holds or is still writing. With
+    /// `write_behind` (a backup's filter) and without (a filter of blockdev-add).
+    async fn run(write_behind: bool, len_clusters: u64, ops: Vec<(bool, u64, u64, u8, u64)>) {
         let cluster = 65536;
         let len = len_clusters * cluster;
         let source = BlockNode::new("src", MemDisk::new(len));
@@ -551,12 +558,16 @@ mod tests {
             .await
             .expect("fill");
         let target = BlockNode::new("tgt", MemDisk::new(len));
-        let opts = CbwOptions::default();
+        let opts = CbwOptions {
+            write_behind,
+            ..CbwOptions::default()
+        };
         let file = Child::new(ChildRole::Filtered, source.clone());
         let target = Child::new(ChildRole::Root, target);
         let (node, cbw) = CopyBeforeWrite::open("cbw", file, target, opts).expect("open");
-        // Guest writes protect 4 KiB grains of 64 KiB clusters.
-        assert_eq!(cbw.block_copy().map(|b| b.grain()), Some(4096));
+        // Behind a backup's filter, guest writes protect 4 KiB grains of 64 KiB clusters.
+        let grain = if write_behind { 4096 } else { cluster };
+        assert_eq!(cbw.block_copy().map(|b| b.grain()), Some(grain));
         let before = Arc::new(before);
         let mut set = tokio::task::JoinSet::new();
         for (read, off, n, byte, delay) in ops {
@@ -593,6 +604,7 @@ mod tests {
     proptest! {
         #[test]
         fn snapshot_reads_see_the_point_in_time_while_the_guest_writes(
+            write_behind in any::<bool>(),
             len_clusters in 1u64..8,
             ops in prop::collection::vec(
                 (any::<bool>(), 0u64..1 << 19, 1u64..100_000, any::<u8>(), 0u64..300),
@@ -604,7 +616,7 @@ mod tests {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(run(len_clusters, ops));
+            rt.block_on(run(write_behind, len_clusters, ops));
         }
     }
 }
