@@ -25,6 +25,9 @@ pub const MAX_GRANULARITY: u64 = 1 << 31;
 pub struct DirtyBitmap {
     /// Unique in the process: how owners of unnamed bitmaps find theirs.
     id: u64,
+    /// Where the bitmap sits among its node's, oldest first: its id, or, once a job's
+    /// successor took over, the successor's (QEMU's successor replaces the bitmap in its list).
+    order: u64,
     name: Option<String>,
     granularity: u64,
     disk_size: u64,
@@ -58,8 +61,10 @@ impl DirtyBitmap {
     ) -> Result<DirtyBitmap, BitmapError> {
         check_granularity(granularity)?;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(DirtyBitmap {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id,
+            order: id,
             name,
             granularity,
             disk_size,
@@ -76,6 +81,13 @@ impl DirtyBitmap {
     /// A number no other bitmap of the process has (a clone shares it).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The bitmap's place among its node's bitmaps, oldest first (see [`abdicate`]).
+    ///
+    /// [`abdicate`]: DirtyBitmap::abdicate
+    pub fn order(&self) -> u64 {
+        self.order
     }
 
     /// The bitmap's name; internal bitmaps have none.
@@ -274,11 +286,15 @@ impl DirtyBitmap {
     }
 
     /// Ends the job successfully: the successor's bits (writes made during the job) replace
-    /// this bitmap's, and recording resumes as before.
+    /// this bitmap's, recording resumes as before, and the bitmap ranks as new as the
+    /// successor ([`order`](DirtyBitmap::order)).
     pub fn abdicate(&mut self) -> Result<(), BitmapError> {
         let successor = self.successor.take().ok_or(BitmapError::NoSuccessor)?;
         self.bits = successor.bits;
         self.recording = successor.recording;
+        // In QEMU the successor, made when the job started, takes the bitmap's name and
+        // place in the list: the bitmap now ranks as new as that.
+        self.order = successor.id;
         Ok(())
     }
 

@@ -165,6 +165,10 @@ pub enum InfoValue {
     Bool(bool),
     /// An integer.
     Int(i64),
+    /// A list.
+    List(Vec<InfoValue>),
+    /// An object, its members in order.
+    Object(Vec<(&'static str, InfoValue)>),
 }
 
 /// Format-specific facts shown by `info` (the `format-specific` object of `qemu-img info`).

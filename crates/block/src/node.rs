@@ -438,11 +438,12 @@ impl BlockNode {
     /// in flight first.
     pub async fn close(&self) -> Result<()> {
         let _drained = self.gate.drain().await;
-        let persistent: Vec<DirtyBitmap> = lock(&self.bitmaps)
+        let mut persistent: Vec<DirtyBitmap> = lock(&self.bitmaps)
             .iter()
             .filter(|b| b.persistent())
             .cloned()
             .collect();
+        persistent.sort_by_key(DirtyBitmap::order);
         let stored = if self.driver.stores_bitmaps() {
             self.driver.store_bitmaps(&persistent).await
         } else {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use block::map::map_range;
-use block::{BlockError, BlockNode, ChildRole, InfoValue, Result};
+use block::{BlockError, BlockNode, ChildRole, Result};
 use drivers::file::FileDriver;
 use drivers::qcow2::{self, CompressionType, CreateOptions, Preallocation};
 use drivers::{open_image, Format, OpenOptions};
@@ -39,14 +39,7 @@ pub fn info_json(node: &Arc<BlockNode>) -> Value {
         let data: Map<String, Value> = info
             .specific
             .iter()
-            .map(|(k, val)| {
-                let j = match val {
-                    InfoValue::Str(s) => json!(s),
-                    InfoValue::Bool(b) => json!(b),
-                    InfoValue::Int(i) => json!(i),
-                };
-                ((*k).to_owned(), j)
-            })
+            .map(|(k, val)| ((*k).to_owned(), daemon::info::info_value(val)))
             .collect();
         v.insert(
             "format-specific".into(),

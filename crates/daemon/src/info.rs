@@ -8,11 +8,18 @@ use serde_json::{json, Map, Value};
 
 use crate::nodes::{NodeEntry, Nodes};
 
-fn info_value(v: &InfoValue) -> Value {
+/// A driver's format-specific value as JSON.
+pub fn info_value(v: &InfoValue) -> Value {
     match v {
         InfoValue::Str(s) => json!(s),
         InfoValue::Bool(b) => json!(b),
         InfoValue::Int(i) => json!(i),
+        InfoValue::List(l) => Value::Array(l.iter().map(info_value).collect()),
+        InfoValue::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| ((*k).to_owned(), info_value(v)))
+                .collect(),
+        ),
     }
 }
 

@@ -1229,6 +1229,77 @@ fn a_filter_whose_target_fails_breaks_the_snapshot_or_the_guest_write_as_in_qsd(
     common::assert_same_transcript(&ours, &theirs);
 }
 
+/// Persistent bitmaps after an incremental backup: the bitmap the job used ranks as new as
+/// the job (QEMU's successor takes its place), which decides the order of the image's bitmap
+/// directory and of the list after a reopen; an open image shows its stored bitmaps, in use.
+fn run_bitmap_order(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    common::qemu_img(&["create", "-f", "qcow2", "t2.qcow2", "16M"], dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    let export = json!({"type": "nbd", "id": "src", "node-name": "src", "writable": true});
+    let b0 = json!({"node": "src", "name": "b0", "persistent": true, "granularity": 131072});
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        ("blockdev-add", qcow2("tgt2", "t2.qcow2")),
+        (
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add", "data": b0},
+                {"type": "blockdev-backup", "data": {"job-id": "full", "device": "src",
+                 "target": "tgt", "sync": "full"}}]}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b1", "persistent": true, "disabled": true}),
+        ),
+        ("nbd-server-start", nbd),
+        ("block-export-add", export),
+    ] {
+        let until = (cmd == "transaction").then_some("full");
+        step(&mut c, o, cmd, args, until);
+    }
+    guest_write(&d, &["write -P 2 1M 64k", "write -P 3 3M 300k"]);
+    let inc = json!({"job-id": "inc", "device": "src", "target": "tgt2", "sync": "incremental",
+                     "bitmap": "b0"});
+    step(&mut c, o, "blockdev-backup", inc, Some("inc"));
+    step(&mut c, o, "query-named-block-nodes", json!({}), None);
+    step(&mut c, o, "block-export-del", json!({"id": "src"}), None);
+    step(&mut c, o, "blockdev-del", json!({"node-name": "src"}), None);
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "a.qcow2"])
+        .current_dir(d.dir.path())
+        .output()
+        .expect("qemu-img info");
+    let info: Value = serde_json::from_slice(&info.stdout).expect("info json");
+    o.push(format!(
+        "stored: {}",
+        canon(&info["format-specific"]["data"]["bitmaps"])
+    ));
+    step(&mut c, o, "blockdev-add", qcow2("src", "a.qcow2"), None);
+    step(&mut c, o, "query-named-block-nodes", json!({}), None);
+    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    for n in nodes["return"].as_array().into_iter().flatten() {
+        if n["node-name"] == "src" {
+            let bitmaps = &n["image"]["format-specific"]["data"]["bitmaps"];
+            o.push(format!("open: {}", canon(bitmaps)));
+        }
+    }
+    out
+}
+
+#[test]
+fn bitmaps_an_incremental_used_are_stored_where_qemu_storage_daemon_stores_them() {
+    let ours = run_bitmap_order(&common::blockjobd());
+    let theirs = run_bitmap_order(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

@@ -389,13 +389,13 @@ pub fn dirty_info(node: &BlockNode) -> Option<Value> {
     for b in bitmaps.iter() {
         let successor = b.successor();
         let recording = b.recording() || successor.is_some_and(DirtyBitmap::recording);
-        listed.push((b.id(), entry(b, recording)));
+        listed.push((b.order(), entry(b, recording)));
         if let Some(s) = successor {
-            listed.push((s.id(), entry(s, s.recording())));
+            listed.push((s.order(), entry(s, s.recording())));
         }
     }
-    // Ids follow creation order: newest first.
-    listed.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+    // Newest first, a job's successor ranking as new as when the job made it.
+    listed.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
     Some(Value::Array(listed.into_iter().map(|(_, v)| v).collect()))
 }
 

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 
 use bitmap::{DirtyBitmap, HBitmap};
-use block::{BlockError, IoVec, Result, WriteFlags};
+use block::{BlockError, InfoValue, IoVec, Result, WriteFlags};
 
 use super::header::{autoclear, be32, be64, RawExtension, EXT_BITMAPS};
 use super::Qcow2Driver;
@@ -43,6 +43,28 @@ pub(crate) struct DirEntry {
     granularity_bits: u8,
     name: String,
     extra: Vec<u8>,
+}
+
+impl DirEntry {
+    /// The entry as `format-specific` info shows it: flags, name, granularity. `open_rw`: the
+    /// image is open for writing, so the copy on disk is marked in use.
+    pub(crate) fn info(&self, open_rw: bool) -> InfoValue {
+        let mut flags = Vec::new();
+        if open_rw || self.flags & IN_USE != 0 {
+            flags.push(InfoValue::Str("in-use".into()));
+        }
+        if self.flags & AUTO != 0 {
+            flags.push(InfoValue::Str("auto".into()));
+        }
+        InfoValue::Object(vec![
+            ("flags", InfoValue::List(flags)),
+            ("name", InfoValue::Str(self.name.clone())),
+            (
+                "granularity",
+                InfoValue::Int(1i64 << self.granularity_bits.min(62)),
+            ),
+        ])
+    }
 }
 
 fn corrupt(msg: impl Into<String>) -> BlockError {

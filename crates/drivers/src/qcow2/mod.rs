@@ -261,6 +261,14 @@ impl BlockDriver for Qcow2Driver {
                 InfoValue::Str(h.compression.name().into()),
             ));
             specific.push(("lazy-refcounts", InfoValue::Bool(h.compatible & 1 != 0)));
+            // The bitmaps stored in the image, as its directory lists them (QEMU reads the
+            // directory; bitmaps not stored yet are not there).
+            if let Ok(dir) = self.stored_bitmaps.try_lock() {
+                if !dir.is_empty() {
+                    let list = dir.iter().map(|e| e.info(self.writable)).collect();
+                    specific.push(("bitmaps", InfoValue::List(list)));
+                }
+            }
         }
         specific.push((
             "refcount-bits",
