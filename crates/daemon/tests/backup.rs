@@ -1300,6 +1300,62 @@ fn bitmaps_an_incremental_used_are_stored_where_qemu_storage_daemon_stores_them(
     common::assert_same_transcript(&ours, &theirs);
 }
 
+/// `quit` with a throttled backup (auto-dismiss off) and an export: the export goes, the job
+/// is cancelled and, concluded by the cancel, dismissed all the same, as QEMU's shutdown
+/// cancels until no job is left.
+fn run_quit_with_a_job(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    images(dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    for (cmd, args) in [
+        ("blockdev-add", qcow2("src", "a.qcow2")),
+        ("blockdev-add", qcow2("tgt", "t.qcow2")),
+        ("blockdev-add", qcow2("other", "small.qcow2")),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 1, "auto-dismiss": false}),
+        ),
+        ("nbd-server-start", nbd),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "other", "writable": true}),
+        ),
+    ] {
+        step(&mut c, o, cmd, args, None);
+    }
+    c.execute("quit", json!({}));
+    // Until the daemon closes the connection (qsd may reset it).
+    while let Some(v) = c.read_within(Duration::from_secs(10)) {
+        match v.get("event") {
+            Some(e) if e == "SHUTDOWN" => {}
+            Some(e) => {
+                let status = &v["data"]["status"];
+                if status != "paused" && status != "running" {
+                    let mut data = v["data"].clone();
+                    if data.get("offset").is_some() {
+                        data["offset"] = json!(0);
+                    }
+                    o.push(format!("  {e} {}", canon(&data)));
+                }
+            }
+            None => o.push(format!("quit -> {}", canon(&v))),
+        }
+    }
+    out
+}
+
+#[test]
+fn quit_cancels_and_dismisses_jobs_as_qemu_storage_daemon_does() {
+    let ours = run_quit_with_a_job(&common::blockjobd());
+    let theirs = run_quit_with_a_job(Path::new("qemu-storage-daemon"));
+    common::assert_same_transcript(&ours, &theirs);
+}
+
 fn run_busy(program: &Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());

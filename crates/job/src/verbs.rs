@@ -10,7 +10,7 @@ use crate::status::{verb_allowed, verb_refused, JobStatus, JobVerb};
 
 impl JobManager {
     /// Shutdown: force-cancels every job and waits (up to the cancel bound and a second) for
-    /// them to end; concluded jobs are dismissed.
+    /// them to end; concluded jobs are dismissed, those the cancel concluded too.
     pub async fn cancel_all(&self) {
         let ids: Vec<(String, JobStatus)> = {
             let st = self.lock().await;
@@ -33,6 +33,17 @@ impl JobManager {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // QEMU goes on cancelling until no job is left, and cancelling a concluded job
+        // dismisses it: jobs the cancel concluded end too (`null`), auto-dismiss or not.
+        self.settle().await;
+        let mut st = self.lock().await;
+        while let Some(i) = st
+            .jobs
+            .iter()
+            .position(|j| j.status == JobStatus::Concluded)
+        {
+            self.dismiss_locked(&mut st, i);
         }
     }
 
