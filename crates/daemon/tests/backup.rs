@@ -894,6 +894,11 @@ fn run_reply_order(program: &Path) -> Vec<String> {
                    "speed": 1}),
         ),
         ("job-pause", json!({"id": "j"})),
+        // A backup has nothing to change, whatever type the options name.
+        (
+            "block-job-change",
+            json!({"id": "j", "type": "mirror", "copy-mode": "write-blocking"}),
+        ),
         ("job-resume", json!({"id": "j"})),
         ("block-job-set-speed", json!({"device": "j", "speed": 1})),
         ("block-job-cancel", json!({"device": "j"})),

@@ -31,8 +31,6 @@ struct BlockJobArgs {
     speed: i64,
     #[serde(default)]
     force: bool,
-    #[serde(rename = "type", default)]
-    job_type: String,
 }
 
 /// `blockdev-create`'s arguments.
@@ -114,13 +112,8 @@ pub async fn block_job_verb(
             jobs.check_verb(&id, JobVerb::Change)
                 .await
                 .map_err(job_error)?;
-            let info = jobs.info(&id).await.map_err(job_error)?;
-            if args.job_type != info.job_type {
-                return Err(QmpError::generic(format!(
-                    "Job type {} is different from the job's type {}",
-                    args.job_type, info.job_type
-                )));
-            }
+            // As in QEMU, a job whose type has no change refuses before the options are
+            // looked at (the type in them is checked by the job types that change: mirror).
             Err(JobError::Refused("Job type does not support change".into()))
         }
         other => return Err(QmpError::command_not_found(other)),
