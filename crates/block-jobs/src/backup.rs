@@ -727,6 +727,10 @@ impl Backup {
                             pace.record(took, bytes, std::time::Instant::now(), max_workers);
                         }
                     }
+                    if ctx.is_cancelled() {
+                        // QEMU ends a cancelled job after its copy call, whatever it met.
+                        return Ok(());
+                    }
                     retrying |= self.on_error(ctx, e.read, &e.error).await?;
                 }
                 Some(Ok((Err(_), _))) | Some(Err(_)) => {

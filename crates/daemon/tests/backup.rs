@@ -1892,8 +1892,8 @@ fn blkdebug_rules_fire_where_qemus_do() {
 /// break-snapshot.
 /// A target write fails in the second of four 1 MiB chunks copied at once: the other three
 /// finish before the job acts on the error, so the failure reports 3 MiB done. With `stop`,
-/// `then` (job-resume or job-cancel) follows the pause.
-fn run_failure_progress(program: &Path, action: &str, then: &str) -> Vec<String> {
+/// `then` (job-resume or job-cancel) follows the pause; `once`: only the first write fails.
+fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
     common::qemu_img(&["create", "-f", "raw", "t.raw", "4M"], dir.path());
@@ -1908,7 +1908,7 @@ fn run_failure_progress(program: &Path, action: &str, then: &str) -> Vec<String>
         "blockdev-add",
         json!({"driver": "raw", "node-name": "src", "file": file("s.raw")}),
     );
-    let rule = json!({"event": "write_aio", "errno": 5, "sector": 2048, "once": true});
+    let rule = json!({"event": "write_aio", "errno": 5, "sector": 2048, "once": once});
     c.cmd(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "tgt", "file": {"driver": "blkdebug",
@@ -1962,13 +1962,16 @@ fn run_failure_progress(program: &Path, action: &str, then: &str) -> Vec<String>
 
 #[test]
 fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
-    for (action, then) in [
-        ("report", ""),
-        ("stop", "job-resume"),
-        ("stop", "job-cancel"),
+    // A target that fails once, then works; or for good (the cancelled job's retry fails too
+    // and ends it without another error event).
+    for (action, then, once) in [
+        ("report", "", true),
+        ("stop", "job-resume", true),
+        ("stop", "job-cancel", true),
+        ("stop", "job-cancel", false),
     ] {
-        let ours = run_failure_progress(&common::blockjobd(), action, then);
-        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action, then);
+        let ours = run_failure_progress(&common::blockjobd(), action, then, once);
+        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action, then, once);
         common::assert_same_transcript(&ours, &theirs);
     }
 }
