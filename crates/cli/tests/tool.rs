@@ -226,8 +226,11 @@ fn create_writes_the_bytes_qemu_img_create_writes() {
         "qemu-img",
         &["create", "-q", "-f", "raw", s(&d("base.raw")), "8M"],
     );
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 11] = [
         (&[], "8M"),
+        (&["-o", "cluster_size=512"], "8M"),
+        (&["-o", "cluster_size=4k"], "8M"),
+        (&["-o", "cluster_size=8k"], "8M"),
         (&[], "0"),
         (&[], "10G"),
         (&[], "1T"),

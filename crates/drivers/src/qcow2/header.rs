@@ -380,8 +380,12 @@ impl Header {
     }
 
     /// Serialises the header, extensions and backing file name into one cluster. The feature
-    /// name table is left out when it does not fit (512-byte clusters with a long backing name).
+    /// name table is left out for clusters of 4 KiB and less, as QEMU leaves it out (it would
+    /// crowd out a backing file name), and when it does not fit.
     pub fn serialize(&self) -> Result<Vec<u8>> {
+        if self.cluster_size() <= 4096 {
+            return self.serialize_with(false);
+        }
         self.serialize_with(true)
             .or_else(|_| self.serialize_with(false))
     }
