@@ -42,7 +42,8 @@ pub struct Control {
 struct Call {
     command: String,
     arguments: Map<String, Value>,
-    reply: oneshot::Sender<QmpResult<Value>>,
+    /// The result, and the newest event that goes before it (see `qmp::event_watermark`).
+    reply: oneshot::Sender<(QmpResult<Value>, u64)>,
     /// The monitor's span for the command: what the loop logs while running it belongs to it.
     span: tracing::Span,
 }
@@ -115,8 +116,11 @@ impl Control {
                 // Jobs the command woke or started run up to their next wait first, so their
                 // events come before the reply, as in QEMU.
                 self.jobs.quiesce(QUIESCE_BOUND).await;
+                // The reply's place among the events: what jobs do from now on comes after it,
+                // even if a job's event reaches the monitor before the reply does.
+                let before = qmp::event_watermark();
                 // The caller may have gone (client disconnected mid-command): nothing to do.
-                let _ = call.reply.send(result);
+                let _ = call.reply.send((result, before));
             }
             self
         });
@@ -127,6 +131,14 @@ impl Control {
 #[async_trait]
 impl qmp::Dispatcher for ControlHandle {
     async fn dispatch(&self, command: &str, arguments: Map<String, Value>) -> QmpResult<Value> {
+        self.dispatch_ordered(command, arguments).await.0
+    }
+
+    async fn dispatch_ordered(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+    ) -> (QmpResult<Value>, Option<u64>) {
         let (reply, answer) = oneshot::channel();
         let call = Call {
             command: command.to_owned(),
@@ -135,7 +147,12 @@ impl qmp::Dispatcher for ControlHandle {
             span: tracing::Span::current(),
         };
         let gone = || QmpError::generic("blockjobd is shutting down");
-        self.0.send(call).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        if self.0.send(call).await.is_err() {
+            return (Err(gone()), None);
+        }
+        match answer.await {
+            Ok((result, before)) => (result, Some(before)),
+            Err(_) => (Err(gone()), None),
+        }
     }
 }

@@ -17,6 +17,6 @@ pub mod server;
 pub mod wire;
 
 pub use error::{ErrorClass, QmpError, QmpResult};
-pub use message::{Event, Request};
+pub use message::{event_watermark, Event, Request};
 pub use schema::Schema;
 pub use server::{Dispatcher, MonitorHub};

@@ -120,6 +120,16 @@ pub struct Event {
     pub data: Option<Value>,
     /// Seconds and microseconds since the epoch.
     pub timestamp: (u64, u32),
+    /// Order of creation in the process (see [`event_watermark`]).
+    pub seq: u64,
+}
+
+static EVENT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The `seq` of the newest event created so far: a reply that carries it goes out after every
+/// event up to it and before every later one.
+pub fn event_watermark() -> u64 {
+    EVENT_SEQ.load(std::sync::atomic::Ordering::SeqCst) - 1
 }
 
 impl Event {
@@ -132,6 +142,7 @@ impl Event {
             name,
             data,
             timestamp: (now.as_secs(), now.subsec_micros()),
+            seq: EVENT_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
         }
     }
 
@@ -200,6 +211,7 @@ mod tests {
             name: "X",
             data: Some(json!({"id": "j"})),
             timestamp: (5, 7),
+            seq: 0,
         };
         assert_eq!(
             serde_json::to_string(&e.to_value()).expect("json"),

@@ -8,9 +8,11 @@
 //!                        └── events (broadcast, after negotiation)
 //! ```
 //!
-//! Commands of one connection run one at a time, in order, as in QEMU. The writer prefers a
-//! pending event over a pending reply, so an event a command emits reaches the client before
-//! that command's reply, the order QEMU produces.
+//! Commands of one connection run one at a time, in order, as in QEMU. Every event carries
+//! its place in the process's order and every reply the newest place when its result was
+//! decided: the writer sends a reply after the events before it and before the ones after it,
+//! so an event a command emits reaches the client before that command's reply, the order QEMU
+//! produces, and an event of a job that went on after the reply never overtakes it.
 
 use std::sync::Arc;
 
@@ -20,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::error::{ErrorClass, QmpError, QmpResult};
-use crate::message::{error_reply, greeting, parse_request, reply, Event, Request};
+use crate::message::{
+    error_reply, event_watermark, greeting, parse_request, reply, Event, Request,
+};
 use crate::schema::Schema;
 use crate::wire::{parse, to_line, Frame, Framer};
 
@@ -29,6 +33,19 @@ use crate::wire::{parse, to_line, Frame, Framer};
 pub trait Dispatcher: Send + Sync {
     /// Runs `command` with arguments already checked against the schema.
     async fn dispatch(&self, command: &str, arguments: Map<String, Value>) -> QmpResult<Value>;
+
+    /// [`dispatch`](Self::dispatch), with the [`event_watermark`] of the moment the result
+    /// was decided: the reply goes out after the events up to it and before later ones. `None`:
+    /// the moment the result reaches the monitor.
+    ///
+    /// [`event_watermark`]: crate::message::event_watermark
+    async fn dispatch_ordered(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+    ) -> (QmpResult<Value>, Option<u64>) {
+        (self.dispatch(command, arguments).await, None)
+    }
 }
 
 /// What every monitor of a daemon shares.
@@ -59,6 +76,8 @@ pub const EVENT_BACKLOG: usize = 4096;
 
 enum Out {
     Line(Vec<u8>),
+    /// A reply, and the newest event that goes before it.
+    Reply(Vec<u8>, u64),
     Events(broadcast::Receiver<Event>),
 }
 
@@ -89,20 +108,45 @@ async fn next_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event
 async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Out>, pretty: bool) {
     let mut events: Option<broadcast::Receiver<Event>> = None;
     loop {
-        let line = tokio::select! {
+        let mut lines = Vec::new();
+        tokio::select! {
             biased;
-            Some(e) = next_event(&mut events) => to_line(&e.to_value(), pretty),
             out = rx.recv() => match out {
-                Some(Out::Line(l)) => l,
+                Some(Out::Line(l)) => lines.push(l),
+                Some(Out::Reply(l, before)) => {
+                    // The events up to the reply's place first, then the reply, then what
+                    // came after (one event at most was taken out of the queue).
+                    let mut after = None;
+                    while let Some(r) = events.as_mut() {
+                        match r.try_recv() {
+                            Ok(e) if e.seq <= before => lines.push(to_line(&e.to_value(), pretty)),
+                            Ok(e) => {
+                                after = Some(e);
+                                break;
+                            }
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                tracing::warn!(target: "blockjobd", "a slow QMP client missed {n} events");
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    lines.push(l);
+                    if let Some(e) = after {
+                        lines.push(to_line(&e.to_value(), pretty));
+                    }
+                }
                 Some(Out::Events(r)) => {
                     events = Some(r);
                     continue;
                 }
                 None => break,
             },
+            Some(e) = next_event(&mut events) => lines.push(to_line(&e.to_value(), pretty)),
         };
-        if w.write_all(&line).await.is_err() {
-            return;
+        for line in lines {
+            if w.write_all(&line).await.is_err() {
+                return;
+            }
         }
     }
     let _ = w.flush().await;
@@ -150,8 +194,12 @@ impl MonitorHub {
             };
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
-                let (line, subscribe) = self.handle(frame, &mut session).await;
-                if tx.send(Out::Line(to_line(&line, pretty))).await.is_err() {
+                let (line, subscribe, before) = self.handle(frame, &mut session).await;
+                if tx
+                    .send(Out::Reply(to_line(&line, pretty), before))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if subscribe && tx.send(Out::Events(self.events.subscribe())).await.is_err() {
@@ -161,62 +209,76 @@ impl MonitorHub {
         }
     }
 
-    /// Handles one frame; returns the reply and whether events start flowing now.
-    async fn handle(&self, frame: Frame, session: &mut Session) -> (Value, bool) {
+    /// Handles one frame; returns the reply, whether events start flowing now, and the newest
+    /// event that goes before the reply.
+    async fn handle(&self, frame: Frame, session: &mut Session) -> (Value, bool, u64) {
+        let now = event_watermark;
         let msg = match frame {
-            Frame::Error(desc) => return (error_reply(&QmpError::generic(desc), None), false),
+            Frame::Error(desc) => {
+                return (error_reply(&QmpError::generic(desc), None), false, now())
+            }
             Frame::Message(m) => m,
         };
         let value = match parse(&msg) {
             Ok(v) => v,
-            Err(desc) => return (error_reply(&QmpError::generic(desc), None), false),
+            Err(desc) => return (error_reply(&QmpError::generic(desc), None), false, now()),
         };
         let req = match parse_request(value, session.oob) {
             Ok(r) => r,
-            Err(bad) => return (error_reply(&bad.error, bad.id), false),
+            Err(bad) => return (error_reply(&bad.error, bad.id), false, now()),
         };
         let id = req.id.clone();
         let was_negotiated = session.negotiated;
         let span =
             tracing::debug_span!(target: "qmp_command", "qmp_command", command = %req.command);
-        let result = {
+        let (result, before) = {
             use tracing::Instrument;
             self.execute(req, session).instrument(span.clone()).await
         };
+        let before = before.unwrap_or_else(now);
         match result {
-            Ok(v) => (reply(v, id), !was_negotiated && session.negotiated),
+            Ok(v) => (reply(v, id), !was_negotiated && session.negotiated, before),
             Err(e) => {
                 // Logged once, here, where the error becomes the client's reply.
                 span.in_scope(|| {
                     tracing::debug!(target: "qmp_command", class = ?e.class, "{}", e.desc);
                 });
-                (error_reply(&e, id), false)
+                (error_reply(&e, id), false, before)
             }
         }
     }
 
-    async fn execute(&self, mut req: Request, session: &mut Session) -> QmpResult<Value> {
+    async fn execute(
+        &self,
+        mut req: Request,
+        session: &mut Session,
+    ) -> (QmpResult<Value>, Option<u64>) {
         if req.command == "qmp_capabilities" {
-            return self.negotiate(req, session);
+            return (self.negotiate(req, session), None);
         }
         if !session.negotiated {
-            return Err(QmpError::new(
+            let e = QmpError::new(
                 ErrorClass::CommandNotFound,
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
-            ));
+            );
+            return (Err(e), None);
         }
         if !self.schema.has_command(&req.command) {
-            return Err(QmpError::command_not_found(&req.command));
+            return (Err(QmpError::command_not_found(&req.command)), None);
         }
         if req.oob {
-            return Err(QmpError::generic(format!(
-                "The command {} does not support OOB",
-                req.command
-            )));
+            let e = QmpError::generic(format!("The command {} does not support OOB", req.command));
+            return (Err(e), None);
         }
-        self.schema
-            .check_arguments(&req.command, &mut req.arguments, false)?;
-        self.dispatcher.dispatch(&req.command, req.arguments).await
+        if let Err(e) = self
+            .schema
+            .check_arguments(&req.command, &mut req.arguments, false)
+        {
+            return (Err(e), None);
+        }
+        self.dispatcher
+            .dispatch_ordered(&req.command, req.arguments)
+            .await
     }
 
     fn negotiate(&self, mut req: Request, session: &mut Session) -> QmpResult<Value> {
