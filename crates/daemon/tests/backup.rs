@@ -1921,7 +1921,18 @@ fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) ->
     );
     let mut seen = Vec::new();
     let mut out = Vec::new();
-    let error = wait_event(&mut c, "BLOCK_JOB_ERROR", &mut seen);
+    // The reply and the error, in whichever order they come: a reply left unread would be
+    // taken for a later command's.
+    let (mut replied, mut error) = (false, None);
+    while !(replied && error.is_some()) {
+        let v = c.read().expect("message");
+        match v.get("event") {
+            Some(e) if e == "BLOCK_JOB_ERROR" && error.is_none() => error = Some(v),
+            Some(_) => seen.push(v),
+            None => replied = true,
+        }
+    }
+    let error = error.unwrap_or_default();
     out.push(format!("error {}", canon(&error["data"])));
     if action == "stop" {
         // (Polling skips events, and none come until the job is resumed.)
@@ -1955,7 +1966,14 @@ fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) ->
         }
         return out;
     }
-    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    let early = seen
+        .iter()
+        .find(|v| v["event"] == "BLOCK_JOB_COMPLETED")
+        .cloned();
+    let done = match early {
+        Some(v) => v,
+        None => wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen),
+    };
     out.push(format!("completed {}", canon(&done["data"])));
     out
 }
