@@ -327,9 +327,7 @@ fn run_refusals(program: &Path) -> Vec<String> {
 
 #[test]
 fn refusals_are_qemu_storage_daemons() {
-    let ours = run_refusals(&common::blockjobd());
-    let theirs = run_refusals(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_refusals);
 }
 
 /// Sends a command and returns its reply, recording the reply and the events up to `until`
@@ -663,9 +661,7 @@ fn run_grouped(program: &Path) -> Vec<String> {
 
 #[test]
 fn grouped_backups_succeed_or_fail_together_as_in_qemu_storage_daemon() {
-    let ours = run_grouped(&common::blockjobd());
-    let theirs = run_grouped(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_grouped);
 }
 
 fn run_pull_fleecing(program: &Path) -> (Vec<String>, tempfile::TempDir) {
@@ -860,9 +856,7 @@ fn run_filter_bitmap(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_filter_bitmap_limits_the_snapshot_as_in_qemu_storage_daemon() {
-    let ours = run_filter_bitmap(&common::blockjobd());
-    let theirs = run_filter_bitmap(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_filter_bitmap);
 }
 
 /// Replies and events in the order they arrive. A job a command wakes from its speed-limit
@@ -971,9 +965,7 @@ fn run_reply_order(program: &Path) -> Vec<String> {
 
 #[test]
 fn replies_follow_the_events_of_the_jobs_they_wake_as_in_qemu_storage_daemon() {
-    let ours = run_reply_order(&common::blockjobd());
-    let theirs = run_reply_order(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_reply_order);
 }
 
 /// `detect-zeroes`: refused as `unmap` without `discard: unmap`; zero writes reaching a qcow2
@@ -1071,9 +1063,7 @@ fn run_detect_zeroes(program: &Path) -> Vec<String> {
 
 #[test]
 fn detect_zeroes_is_qemu_storage_daemons() {
-    let ours = run_detect_zeroes(&common::blockjobd());
-    let theirs = run_detect_zeroes(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_detect_zeroes);
 }
 
 /// Guest discards and write-zeroes during a backup: the job's filter drops discards (QEMU
@@ -1229,9 +1219,7 @@ fn run_filter_target_failure(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_filter_whose_target_fails_breaks_the_snapshot_or_the_guest_write_as_in_qsd() {
-    let ours = run_filter_target_failure(&common::blockjobd());
-    let theirs = run_filter_target_failure(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_filter_target_failure);
 }
 
 /// Persistent bitmaps after an incremental backup: the bitmap the job used ranks as new as
@@ -1300,9 +1288,7 @@ fn run_bitmap_order(program: &Path) -> Vec<String> {
 
 #[test]
 fn bitmaps_an_incremental_used_are_stored_where_qemu_storage_daemon_stores_them() {
-    let ours = run_bitmap_order(&common::blockjobd());
-    let theirs = run_bitmap_order(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_bitmap_order);
 }
 
 /// `quit` with a throttled backup (auto-dismiss off) and an export: the export goes, the job
@@ -1356,9 +1342,7 @@ fn run_quit_with_a_job(program: &Path) -> Vec<String> {
 
 #[test]
 fn quit_cancels_and_dismisses_jobs_as_qemu_storage_daemon_does() {
-    let ours = run_quit_with_a_job(&common::blockjobd());
-    let theirs = run_quit_with_a_job(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_quit_with_a_job);
 }
 
 fn run_busy(program: &Path) -> Vec<String> {
@@ -1440,9 +1424,7 @@ fn run_busy(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_running_backup_holds_its_nodes_as_in_qemu_storage_daemon() {
-    let ours = run_busy(&common::blockjobd());
-    let theirs = run_busy(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_busy);
 }
 
 fn run_compressed(program: &Path) -> (Vec<String>, tempfile::TempDir) {
@@ -1758,9 +1740,7 @@ fn run_snapshot_maps(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_snapshot_of_a_backed_disk_maps_as_in_qemu_storage_daemon() {
-    let ours = run_snapshot_maps(&common::blockjobd());
-    let theirs = run_snapshot_maps(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_snapshot_maps);
 }
 
 /// An export added on a backup's filter node while the job runs moves down to the source
@@ -1804,9 +1784,7 @@ fn run_filter_exports(program: &Path) -> Vec<String> {
 
 #[test]
 fn exports_of_the_filter_move_down_when_the_backup_ends_as_in_qemu_storage_daemon() {
-    let ours = run_filter_exports(&common::blockjobd());
-    let theirs = run_filter_exports(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_filter_exports);
 }
 
 /// Where a blkdebug node sits decides whether its rules fire, as in QEMU: as the target
@@ -1882,9 +1860,7 @@ fn run_blkdebug_placement(program: &Path) -> Vec<String> {
 
 #[test]
 fn blkdebug_rules_fire_where_qemus_do() {
-    let ours = run_blkdebug_placement(&common::blockjobd());
-    let theirs = run_blkdebug_placement(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_blkdebug_placement);
 }
 
 /// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
@@ -2569,9 +2545,7 @@ fn run_first_tasks(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_throttled_backup_cuts_its_first_task_where_qemu_storage_daemon_does() {
-    let ours = run_first_tasks(&common::blockjobd());
-    let theirs = run_first_tasks(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_first_tasks);
 }
 
 /// Two backups in one transaction: created in the order of the actions, started (`running`)
@@ -2619,7 +2593,5 @@ fn run_transaction_order(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_transaction_starts_its_jobs_as_qemu_storage_daemon_does() {
-    let ours = run_transaction_order(&common::blockjobd());
-    let theirs = run_transaction_order(Path::new("qemu-storage-daemon"));
-    common::assert_same_transcript(&ours, &theirs);
+    common::assert_same_as_qsd(run_transaction_order);
 }

@@ -255,6 +255,13 @@ pub fn canon(v: &Value) -> String {
     }
 }
 
+/// Runs `scenario` on blockjobd and on qemu-storage-daemon and asserts the transcripts match.
+pub fn assert_same_as_qsd(scenario: impl Fn(&Path) -> Vec<String>) {
+    let ours = scenario(&blockjobd());
+    let theirs = scenario(Path::new("qemu-storage-daemon"));
+    assert_same_transcript(&ours, &theirs);
+}
+
 /// Asserts two transcripts (ours, qemu-storage-daemon's) are the same, showing the lines that
 /// differ and both transcripts when they are not.
 pub fn assert_same_transcript(ours: &[String], theirs: &[String]) {
