@@ -1,6 +1,7 @@
 //! What `query-named-block-nodes` reports about a node (QEMU's BlockDeviceInfo and ImageInfo).
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use block::{BlockNode, ChildRole, InfoValue};
@@ -51,20 +52,23 @@ fn backing_depth(node: &Arc<BlockNode>) -> u64 {
     depth
 }
 
-/// Bytes the node's host file takes on disk. A node without a host file of its own (a
-/// filter) reports its primary child's, as QEMU does.
-/// A protocol driver with no host file (nbd, blkdebug) reports none; null reports 0.
+/// Bytes the node's host file takes on disk, as QEMU finds them: a file node's own, a format's
+/// or filter's from the child it stores its data in. Protocol drivers without a host file
+/// (nbd, blkdebug) report none, and so does anything above them; null reports 0.
 fn actual_size(nodes: &Nodes, entry: &NodeEntry) -> Option<u64> {
     let node = &entry.node;
     match node.driver_name() {
         "null-co" | "null-aio" => return Some(0),
         "nbd" | "blkdebug" => return None,
-        _ => {}
+        "file" => {}
+        _ => {
+            if let Some(child) = primary_child(node).and_then(|c| nodes.entry_of(&c)) {
+                return actual_size(nodes, child);
+            }
+        }
     }
-    if let Some(path) = &entry.host_file {
-        return std::fs::metadata(path).ok().map(|md| md.blocks() * 512);
-    }
-    actual_size(nodes, nodes.entry_of(&primary_child(node)?)?)
+    let path = entry.host_file.as_ref()?;
+    std::fs::metadata(path).ok().map(|md| md.blocks() * 512)
 }
 
 /// The child a filter passes requests to, or a format's image.
@@ -92,7 +96,7 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     let mut m = Map::new();
     // QEMU counts node lengths in 512-byte sectors, rounded up.
     m.insert("virtual-size".into(), json!(node.len().div_ceil(512) * 512));
-    m.insert("filename".into(), json!(entry.filename));
+    m.insert("filename".into(), json!(nodes.file_name(node)));
     let answers = info_node(node);
     if let Some(cluster) = answers.as_ref().and_then(|n| n.facts().cluster_size) {
         m.insert("cluster-size".into(), json!(cluster));
@@ -115,21 +119,28 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
     if let Some(n) = &answers {
         m.insert("dirty-flag".into(), json!(n.image_info().dirty));
     }
-    if let Some(backing) = backing_of(node) {
-        let backing_entry = nodes.entry_of(&backing);
-        let full = backing_entry.map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());
-        m.insert(
-            "backing-filename".into(),
-            json!(info.backing_file.clone().unwrap_or_else(|| full.clone())),
-        );
-        m.insert("full-backing-filename".into(), json!(full));
+    // The backing file the image's header names, attached or not (QEMU's `backing_file`).
+    if let Some(backing) = &info.backing_file {
+        m.insert("backing-filename".into(), json!(backing));
+        let full = if Path::new(backing).is_absolute() {
+            Some(backing.clone())
+        } else {
+            entry.host_file.as_ref().map(|image| {
+                drivers::open::resolve_backing(image, backing)
+                    .display()
+                    .to_string()
+            })
+        };
+        if let Some(full) = full {
+            m.insert("full-backing-filename".into(), json!(full));
+        }
         if let Some(fmt) = &info.backing_format {
             m.insert("backing-filename-format".into(), json!(fmt));
         }
-        if chain {
-            if let Some(be) = backing_entry {
-                m.insert("backing-image".into(), image_info(nodes, be, true));
-            }
+    }
+    if chain {
+        if let Some(be) = backing_of(node).and_then(|b| nodes.entry_of(&b)) {
+            m.insert("backing-image".into(), image_info(nodes, be, true));
         }
     }
     if chain && is_filter(node) {
@@ -144,15 +155,12 @@ fn image_info(nodes: &Nodes, entry: &NodeEntry, chain: bool) -> Value {
 pub fn block_device_info(nodes: &Nodes, entry: &NodeEntry, flat: bool) -> Value {
     let node = &entry.node;
     let mut m = Map::new();
-    m.insert("file".into(), json!(entry.filename));
+    m.insert("file".into(), json!(nodes.file_name(node)));
     m.insert("node-name".into(), json!(node.name()));
     m.insert("ro".into(), json!(entry.read_only));
     m.insert("drv".into(), json!(node.driver_name()));
     if let Some(backing) = backing_of(node) {
-        let name = nodes
-            .entry_of(&backing)
-            .map_or_else(|| backing.name().to_owned(), |e| e.filename.clone());
-        m.insert("backing_file".into(), json!(name));
+        m.insert("backing_file".into(), json!(nodes.file_name(&backing)));
     }
     // QEMU counts the chain only while gathering it: flat answers say 0.
     let depth = if flat { 0 } else { backing_depth(node) };

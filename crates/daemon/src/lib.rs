@@ -13,6 +13,7 @@ pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod exports;
+pub mod filename;
 pub mod info;
 pub mod jobs;
 pub mod keyval;

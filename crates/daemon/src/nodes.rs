@@ -21,9 +21,10 @@ use drivers::raw::RawDriver;
 use filters::{CbwOptions, CopyBeforeWrite, OnCbwError, SnapshotAccess};
 use nbd::ConnectTo;
 use qmp::{QmpError, QmpResult};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use crate::commands::blockdev_add::{BlockdevOptions, BlockdevRef, InjectRule, NbdServer};
+use crate::filename::{NameRecipe, NodeFileName};
 
 /// Longest node-name QEMU accepts is 31 bytes.
 const MAX_NODE_NAME: usize = 31;
@@ -51,8 +52,8 @@ pub struct NodeEntry {
     pub read_only: bool,
     /// Cache mode.
     pub cache: CacheMode,
-    /// The file name QEMU shows for the node.
-    pub filename: String,
+    /// How the node's file name is made (see [`Nodes::file_name`]).
+    pub recipe: NameRecipe,
     /// The host file under the node, for `actual-size`.
     pub host_file: Option<PathBuf>,
     /// Creation order.
@@ -151,7 +152,7 @@ impl Nodes {
     pub fn add_job_node(
         &mut self,
         node: Arc<BlockNode>,
-        filename: String,
+        recipe: NameRecipe,
         cbw: Option<Arc<CopyBeforeWrite>>,
     ) -> impl FnOnce() + Send + 'static {
         let name = node.name().to_owned();
@@ -163,7 +164,7 @@ impl Nodes {
                 monitor_owned: false,
                 read_only: false,
                 cache: CacheMode::default(),
-                filename,
+                recipe,
                 host_file: None,
                 seq: self.seq,
                 cbw,
@@ -356,7 +357,7 @@ impl Nodes {
                     monitor_owned,
                     read_only: opened.read_only,
                     cache: own.cache,
-                    filename: opened.filename,
+                    recipe: opened.recipe,
                     host_file: opened.host_file,
                     seq,
                     cbw: opened.cbw,
@@ -409,10 +410,11 @@ impl Nodes {
             }
             Err(e) => return Err(generic(e)),
         };
+        let options = json_map(json!({"driver": "file", "filename": filename}));
         Ok(Opened {
             driver: Arc::new(driver),
             read_only,
-            filename: filename.to_owned(),
+            recipe: NameRecipe::Fixed(NodeFileName::protocol(Some(filename.to_owned()), options)),
             host_file: Some(PathBuf::from(filename)),
             node: None,
             cbw: None,
@@ -449,7 +451,8 @@ impl Nodes {
         Child::attach(spec, node, need).map_err(generic)
     }
 
-    /// The child under `key` of a format or filter node named `parent`, with its file names.
+    /// The child under `key` of a format or filter node named `parent`, with its naming and
+    /// host file.
     async fn format_child(
         &mut self,
         value: Option<&BlockdevRef>,
@@ -457,20 +460,28 @@ impl Nodes {
         spec: EdgeSpec,
         own: Inherited,
         opening: &mut Opening,
-    ) -> QmpResult<(Arc<Child>, String, Option<PathBuf>)> {
+    ) -> QmpResult<(Arc<Child>, Option<PathBuf>)> {
         let child = self
             .child(value, spec.named(key), !own.read_only, own, opening)
             .await?;
-        let (filename, host_file) = self.names_of(&child);
-        Ok((child, filename, host_file))
+        let host_file = self
+            .entries
+            .get(child.node().name())
+            .and_then(|e| e.host_file.clone());
+        Ok((child, host_file))
     }
 
-    fn names_of(&self, child: &Child) -> (String, Option<PathBuf>) {
-        let node = child.node();
-        self.entries
-            .get(node.name())
-            .map(|e| (e.filename.clone(), e.host_file.clone()))
-            .unwrap_or_else(|| (node.name().to_owned(), None))
+    /// How QEMU names `node` now, from its own options and its children's names.
+    pub fn naming(&self, node: &BlockNode) -> NodeFileName {
+        match self.entries.get(node.name()) {
+            Some(e) => e.recipe.resolve(node, &|child| self.naming(child)),
+            None => NodeFileName::filter(node.name().to_owned(), Map::new()),
+        }
+    }
+
+    /// The file name the queries show for `node`.
+    pub fn file_name(&self, node: &BlockNode) -> String {
+        self.naming(node).shown()
     }
 
     async fn open_raw(
@@ -487,15 +498,28 @@ impl Nodes {
             PermPolicy::Filtered
         };
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into())).policy(policy);
-        let (file, filename, host_file) = self
+        let (file, host_file) = self
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
         let driver = RawDriver::new(file, opts.offset.unwrap_or(0), opts.size, !own.read_only)
             .map_err(generic)?;
+        // `offset` and `size` change what the node is: QEMU then names it by its options.
+        let mut strong = Map::new();
+        if let Some(offset) = opts.offset {
+            strong.insert("offset".into(), json!(offset));
+        }
+        if let Some(size) = opts.size {
+            strong.insert("size".into(), json!(size));
+        }
         Ok(Opened {
             driver: Arc::new(driver),
             read_only: own.read_only,
-            filename,
+            recipe: NameRecipe::Format {
+                driver: "raw",
+                strong,
+                backed: false,
+                auto_backing: None,
+            },
             host_file,
             node: None,
             cbw: None,
@@ -510,9 +534,14 @@ impl Nodes {
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::File, Parent::Node(parent.into()));
-        let (file, filename, host_file) = self
+        let (file, host_file) = self
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
+        // Backing file names in the header are relative to the image's own file.
+        let image_path = host_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| self.file_name(&file.node()));
         let header = qcow2::read_header(&file).await.map_err(generic)?;
         self.take_position(parent, opening);
         let backing_inherit = Inherited {
@@ -537,7 +566,7 @@ impl Nodes {
                 Some(b) => {
                     let node = self
                         .open_backing_from_header(
-                            &filename,
+                            &image_path,
                             b,
                             header.backing_format.as_deref(),
                             backing_inherit,
@@ -558,13 +587,24 @@ impl Nodes {
                 }
             },
         };
+        // QEMU's `auto_backing_file`: a backing file opened from the header is named as it
+        // opened; otherwise the header's text, which a given backing node may not match.
+        let auto_backing = match (&opts.backing, &backing) {
+            (None, Some(edge)) => Some(self.file_name(&edge.node())),
+            _ => header.backing_file.clone(),
+        };
         let driver = Qcow2Driver::open(file, !own.read_only, backing)
             .await
             .map_err(generic)?;
         Ok(Opened {
             driver: Arc::new(driver),
             read_only: own.read_only,
-            filename,
+            recipe: NameRecipe::Format {
+                driver: "qcow2",
+                strong: Map::new(),
+                backed: true,
+                auto_backing,
+            },
             host_file,
             node: None,
             cbw: None,
@@ -618,10 +658,15 @@ impl Nodes {
         parent: &str,
         opening: &mut Opening,
     ) -> QmpResult<Opened> {
+        if opts.inject_error.as_ref().is_some_and(|r| r.is_empty()) {
+            return Err(QmpError::generic(
+                "Block protocol 'blkdebug' doesn't support the option 'inject-error'",
+            ));
+        }
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
         // A protocol driver in QEMU: named before it opens its image.
         self.take_position(parent, opening);
-        let (image, filename, host_file) = self
+        let (image, host_file) = self
             .format_child(opts.image.as_ref(), "image", spec, own, opening)
             .await?;
         let rules = opts
@@ -630,10 +675,30 @@ impl Nodes {
             .flatten()
             .map(inject_rule)
             .collect();
+        // QEMU keeps the rules flattened, and names a node with rules by its options.
+        let mut flat = Map::new();
+        for (i, rule) in opts.inject_error.iter().flatten().enumerate() {
+            let fields = [
+                ("event", Some(json!(rule.event))),
+                ("iotype", rule.iotype.as_ref().map(|v| json!(v))),
+                ("errno", rule.errno.map(|v| json!(v))),
+                ("sector", rule.sector.map(|v| json!(v))),
+                ("once", rule.once.map(|v| json!(v))),
+                ("immediately", rule.immediately.map(|v| json!(v))),
+            ];
+            for (key, value) in fields {
+                if let Some(value) = value {
+                    flat.insert(format!("inject-error.{i}.{key}"), value);
+                }
+            }
+        }
         Ok(Opened {
             driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only)),
             read_only: own.read_only,
-            filename: format!("blkdebug::{filename}"),
+            recipe: NameRecipe::Blkdebug {
+                rules: flat,
+                has_rules: opts.inject_error.is_some(),
+            },
             host_file,
             node: None,
             cbw: None,
@@ -651,12 +716,12 @@ impl Nodes {
     ) -> QmpResult<Opened> {
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()))
             .policy(PermPolicy::CopySource);
-        let (file, filename, host_file) = self
+        let (file, host_file) = self
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
         let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()));
         self.take_position(parent, opening);
-        let (target, _, _) = self
+        let (target, _) = self
             .format_child(opts.target.as_ref(), "target", spec, own, opening)
             .await?;
         let bitmap = match &opts.bitmap {
@@ -701,7 +766,7 @@ impl Nodes {
         Ok(Opened {
             driver: cbw.clone(),
             read_only: false,
-            filename,
+            recipe: cbw_recipe(),
             host_file,
             node: Some(node),
             cbw: Some(cbw),
@@ -719,7 +784,7 @@ impl Nodes {
         let spec = EdgeSpec::new(ChildRole::Data, Parent::Node(parent.into()))
             .named("file")
             .policy(PermPolicy::Free);
-        let (file, filename, host_file) = self
+        let (file, host_file) = self
             .format_child(opts.file.as_ref(), "file", spec, own, opening)
             .await?;
         let cbw = self
@@ -729,7 +794,10 @@ impl Nodes {
         Ok(Opened {
             driver: SnapshotAccess::new(file, cbw),
             read_only: false,
-            filename,
+            recipe: NameRecipe::Filter {
+                driver: "snapshot-access",
+                children: vec![("file", ChildRole::Data)],
+            },
             host_file,
             node: None,
             cbw: None,
@@ -837,7 +905,7 @@ impl Nodes {
 struct Opened {
     driver: Arc<dyn BlockDriver>,
     read_only: bool,
-    filename: String,
+    recipe: NameRecipe,
     host_file: Option<PathBuf>,
     /// The node, when the driver had to make it itself (copy-before-write owns bitmaps).
     node: Option<Arc<BlockNode>>,
@@ -879,10 +947,22 @@ async fn open_nbd(opts: &BlockdevOptions, own: Inherited) -> QmpResult<Opened> {
         other => (other, read_only),
     };
     let (driver, read_only) = driver;
+    let mut options = json_map(json!({"driver": "nbd"}));
+    if let Some(s) = server {
+        options.insert("server.type".into(), json!(s.kind));
+        for (key, value) in [("path", &s.path), ("host", &s.host), ("port", &s.port)] {
+            if let Some(v) = value {
+                options.insert(format!("server.{key}"), json!(v));
+            }
+        }
+    }
+    if let Some(e) = &opts.export {
+        options.insert("export".into(), json!(e));
+    }
     Ok(Opened {
         driver: Arc::new(driver.map_err(generic)?),
         read_only,
-        filename,
+        recipe: NameRecipe::Fixed(NodeFileName::protocol(Some(filename), options)),
         host_file: None,
         node: None,
         cbw: None,
@@ -895,28 +975,39 @@ fn open_null(opts: &BlockdevOptions, own: Inherited) -> Opened {
     if opts.driver == "null-aio" {
         driver = driver.aio();
     }
-    // Options that change the disk make QEMU spell the node out as JSON (in its order).
+    // `size` and `read-zeroes` change the disk: QEMU then names the node by its options.
     let name = driver.driver_name();
-    let filename = if opts.size.is_none() && opts.read_zeroes.is_none() {
-        format!("{name}://")
-    } else {
-        let mut fields = Vec::new();
-        if let Some(z) = opts.read_zeroes {
-            fields.push(format!("\"read-zeroes\": {z}"));
-        }
-        fields.push(format!("\"driver\": \"{name}\""));
-        if let Some(size) = opts.size {
-            fields.push(format!("\"size\": {size}"));
-        }
-        format!("json:{{{}}}", fields.join(", "))
-    };
+    let mut options = json_map(json!({"driver": name}));
+    if let Some(z) = opts.read_zeroes {
+        options.insert("read-zeroes".into(), json!(z));
+    }
+    if let Some(size) = opts.size {
+        options.insert("size".into(), json!(size));
+    }
+    let exact = (opts.size.is_none() && opts.read_zeroes.is_none()).then(|| format!("{name}://"));
     Opened {
-        filename,
+        recipe: NameRecipe::Fixed(NodeFileName::protocol(exact, options)),
         driver: Arc::new(driver),
         read_only: own.read_only,
         host_file: None,
         node: None,
         cbw: None,
+    }
+}
+
+/// How a copy-before-write node is named: under its source's name, as QEMU's filter is.
+pub fn cbw_recipe() -> NameRecipe {
+    NameRecipe::Filter {
+        driver: "copy-before-write",
+        children: vec![("file", ChildRole::Filtered), ("target", ChildRole::Data)],
+    }
+}
+
+/// The object `v` is (every caller passes an object literal).
+fn json_map(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
     }
 }
 

@@ -396,10 +396,29 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
     qemu_img(&["create", "-f", "raw", "t.raw", "16M"], dir.path());
-    for name in ["t2.raw", "n1.raw", "n2.raw"] {
+    for name in [
+        "t2.raw",
+        "n1.raw",
+        "n2.raw",
+        "t3.raw",
+        "t4 é.raw",
+        "b5.raw",
+        "b6.raw",
+        "b7.raw",
+    ] {
         qemu_img(&["create", "-f", "raw", name, "1M"], dir.path());
     }
     qemu_img(&["create", "-f", "qcow2", "base2.qcow2", "1M"], dir.path());
+    qemu_img(&["create", "-f", "qcow2", "fl.qcow2", "1M"], dir.path());
+    for (image, backing, format) in [
+        ("ov.qcow2", "base2.qcow2", "qcow2"),
+        ("same.qcow2", "b5.raw", "raw"),
+    ] {
+        qemu_img(
+            &["create", "-f", "qcow2", "-b", backing, "-F", format, image],
+            dir.path(),
+        );
+    }
     qemu_img(
         &[
             "create",
@@ -465,10 +484,37 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
         json!({"driver": "qcow2", "node-name": "tq", "file": file("top2.qcow2")}),
         json!({"driver": "copy-before-write", "node-name": "cbw2", "file": "tq",
                "target": "dbg"}),
+        // Nodes their file's name would not open again as they are: QEMU names them by their
+        // options, as JSON in its dictionary's order.
+        json!({"driver": "blkdebug", "node-name": "rules", "image": file("t3.raw"),
+               "inject-error": [{"event": "write_aio", "errno": 5, "sector": 8, "once": true}]}),
+        json!({"driver": "raw", "node-name": "rr", "file": "rules"}),
+        json!({"driver": "raw", "node-name": "part", "offset": 4096, "size": 65536,
+               "file": file("t4 é.raw")}),
+        json!({"driver": "raw", "node-name": "rna", "file": "na"}),
+        json!({"driver": "raw", "node-name": "rt", "file": "t"}),
+        // A backing file other than the header's, or none where the header names one; the
+        // image information still shows the header's.
+        json!({"driver": "qcow2", "node-name": "nob", "backing": null, "file": file("ov.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "fl", "backing": "q", "file": file("fl.qcow2")}),
+        json!({"driver": "raw", "node-name": "b5", "file": file("b5.raw")}),
+        json!({"driver": "qcow2", "node-name": "same", "backing": "b5",
+               "file": file("same.qcow2")}),
+        json!({"driver": "file", "node-name": "bf", "filename": "b6.raw"}),
+        json!({"driver": "raw", "node-name": "bd", "file": "bf"}),
+        json!({"driver": "file", "node-name": "bt", "filename": "b7.raw"}),
     ] {
         let r = c.cmd("blockdev-add", args.clone());
         assert!(r.get("return").is_some(), "{args}: {r}");
     }
+    // A backup of a file node under a format: while its filter sits between them, the
+    // format node is named by its options, the filter's included. (sync=none copies nothing
+    // by itself, so the target's size does not depend on when the query comes.)
+    let r = c.cmd(
+        "blockdev-backup",
+        json!({"job-id": "bj", "device": "bf", "target": "bt", "sync": "none"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
     // Both forms, in QEMU's order (newest first; a format before its backing chain, after
     // its file); implicit nodes' names are counters, left out.
     let mut out = Vec::new();

@@ -261,11 +261,6 @@ pub(crate) async fn prepare_nodes(
         job::JobDriver::abort(&*backup).await;
         job::JobDriver::clean(&*backup).await;
     };
-    let filename = ctl
-        .nodes
-        .entry(source.name())
-        .map(|e| e.filename.clone())
-        .unwrap_or_default();
     let release_owned = ctl
         .nodes
         .releaser(owned.iter().map(|n| n.name().to_owned()).collect());
@@ -280,9 +275,11 @@ pub(crate) async fn prepare_nodes(
     }
     match backup.filter() {
         Some(filter) => {
-            let release = ctl
-                .nodes
-                .add_job_node(filter, filename, backup.copy_before_write());
+            let release = ctl.nodes.add_job_node(
+                filter,
+                crate::nodes::cbw_recipe(),
+                backup.copy_before_write(),
+            );
             backup.on_clean(move || {
                 release();
                 release_owned();

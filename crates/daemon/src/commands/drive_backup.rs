@@ -42,10 +42,7 @@ fn generic(msg: impl Into<String>) -> QmpError {
 /// The file name of `node` as it was opened (QEMU's refreshed filename: a backing file's
 /// name joined to its overlay's directory), from the registry.
 fn file_name(ctl: &Control, node: &BlockNode) -> String {
-    ctl.nodes
-        .entry(node.name())
-        .map(|e| e.filename.clone())
-        .unwrap_or_default()
+    ctl.nodes.file_name(node)
 }
 
 /// Prints a line on the daemon's standard output, as QEMU does when it creates an image; a
