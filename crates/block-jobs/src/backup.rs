@@ -655,6 +655,9 @@ impl Backup {
     async fn copy_all(&self, bcs: &Arc<BlockCopy>, ctx: &JobContext) -> Result<(), String> {
         let mut set = tokio::task::JoinSet::new();
         let mut cursor = 0;
+        // Tasks in the order they started: a failure is acted on once the tasks QEMU would
+        // have had in flight with it are done (see below).
+        let mut started: u64 = 0;
         let mut pace = Pace::default();
         let mut retrying = false;
         let cbw = self.parts.lock().await.as_ref().map(|p| p.cbw.clone());
@@ -701,9 +704,11 @@ impl Backup {
                     Some((start, end, task)) => {
                         ctx.rate_charge(end - start);
                         cursor = end;
+                        started += 1;
+                        let seq = started;
                         set.spawn(async move {
                             let began = std::time::Instant::now();
-                            (task.await, began.elapsed())
+                            (task.await, began.elapsed(), seq)
                         });
                     }
                     None if cursor > 0 => cursor = 0,
@@ -714,16 +719,42 @@ impl Backup {
             // cancel: one round of chunks goes out whatever happened meanwhile.
             retrying = false;
             match set.join_next().await {
-                Some(Ok((Ok(Ok(bytes)), took))) => {
+                Some(Ok((Ok(Ok(bytes)), took, _))) => {
                     let now = std::time::Instant::now();
                     pace.record(took, bytes, now, max_workers);
                 }
-                Some(Ok((Ok(Err(e)), _))) => {
+                Some(Ok((Ok(Err(e)), _, seq))) => {
                     // As QEMU's block-copy call: the chunks in flight finish (and count as
                     // progress) before the first error is acted on; later errors are dropped,
-                    // their ranges stay dirty.
+                    // their ranges stay dirty. Unthrottled, QEMU has `max-workers` tasks in
+                    // flight where we keep fewer (memory): the tasks it would have started
+                    // by then are copied too, so the progress the error reports is QEMU's
+                    // (all but the failed chunk of a disk of up to `max-workers` chunks).
+                    let window = match speed {
+                        0 => seq + self.spec.max_workers.max(1) as u64 - 1,
+                        _ => 0,
+                    };
+                    while started < window && !ctx.is_cancelled() {
+                        if set.len() >= workers {
+                            if let Some(Ok((Ok(Ok(bytes)), took, _))) = set.join_next().await {
+                                pace.record(took, bytes, std::time::Instant::now(), max_workers);
+                            }
+                            continue;
+                        }
+                        // Forward only: the failed range is retried by the next call.
+                        let Some((_, end, task)) = bcs.copy_next_run(cursor, limit).await else {
+                            break;
+                        };
+                        cursor = end;
+                        started += 1;
+                        let seq = started;
+                        set.spawn(async move {
+                            let began = std::time::Instant::now();
+                            (task.await, began.elapsed(), seq)
+                        });
+                    }
                     while let Some(r) = set.join_next().await {
-                        if let Ok((Ok(Ok(bytes)), took)) = r {
+                        if let Ok((Ok(Ok(bytes)), took, _)) = r {
                             pace.record(took, bytes, std::time::Instant::now(), max_workers);
                         }
                     }
@@ -733,7 +764,7 @@ impl Backup {
                     }
                     retrying |= self.on_error(ctx, e.read, &e.error).await?;
                 }
-                Some(Ok((Err(_), _))) | Some(Err(_)) => {
+                Some(Ok((Err(_), _, _))) | Some(Err(_)) => {
                     return Err("the copy failed unexpectedly (internal error)".into())
                 }
                 None => {

@@ -1866,15 +1866,28 @@ fn blkdebug_rules_fire_where_qemus_do() {
 /// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
 /// write whose old data cannot be read fails under break-guest-write and goes on under
 /// break-snapshot.
-/// A target write fails in the second of four 1 MiB chunks copied at once: the other three
-/// finish before the job acts on the error, so the failure reports 3 MiB done. With `stop`,
-/// `then` (job-resume or job-cancel) follows the pause; `once`: only the first write fails.
-fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) -> Vec<String> {
+/// A target write fails in one of the 1 MiB chunks of a `mib` MiB disk (at `sector`): QEMU
+/// starts up to 64 chunks at once, and those finish before the job acts on the error, so a
+/// failure in the second of four reports 3 MiB done, and one in a 16 MiB disk 15 MiB. With
+/// `stop`, `then` (job-resume or job-cancel) follows the pause; `once`: only the first write
+/// fails.
+fn run_failure_progress(
+    program: &Path,
+    (action, then, once): (&str, &str, bool),
+    (mib, sector): (u64, u64),
+) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
-    common::qemu_img(&["create", "-f", "raw", "t.raw", "4M"], dir.path());
+    let size = format!("{mib}M");
+    common::qemu_img(&["create", "-f", "raw", "s.raw", &size], dir.path());
+    common::qemu_img(&["create", "-f", "raw", "t.raw", &size], dir.path());
     qemu_io(
-        &["-f", "raw", "-c", "write -P 0x5a 0 4M", "s.raw"],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 0x5a 0 {size}"),
+            "s.raw",
+        ],
         dir.path(),
     );
     let d = Daemon::start(program, &[], dir);
@@ -1884,7 +1897,7 @@ fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) ->
         "blockdev-add",
         json!({"driver": "raw", "node-name": "src", "file": file("s.raw")}),
     );
-    let rule = json!({"event": "write_aio", "errno": 5, "sector": 2048, "once": once});
+    let rule = json!({"event": "write_aio", "errno": 5, "sector": sector, "once": once});
     c.cmd(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "tgt", "file": {"driver": "blkdebug",
@@ -1958,14 +1971,18 @@ fn run_failure_progress(program: &Path, action: &str, then: &str, once: bool) ->
 fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
     // A target that fails once, then works; or for good (the cancelled job's retry fails too
     // and ends it without another error event).
-    for (action, then, once) in [
-        ("report", "", true),
-        ("stop", "job-resume", true),
-        ("stop", "job-cancel", true),
-        ("stop", "job-cancel", false),
+    for (case, disk) in [
+        (("report", "", true), (4, 2048)),
+        (("stop", "job-resume", true), (4, 2048)),
+        (("stop", "job-cancel", true), (4, 2048)),
+        (("stop", "job-cancel", false), (4, 2048)),
+        // More chunks than we keep in flight, fewer than QEMU's 64 workers.
+        (("report", "", true), (16, 2048)),
+        (("report", "", false), (16, 20480)),
+        (("stop", "job-resume", true), (16, 2048)),
     ] {
-        let ours = run_failure_progress(&common::blockjobd(), action, then, once);
-        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), action, then, once);
+        let ours = run_failure_progress(&common::blockjobd(), case, disk);
+        let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), case, disk);
         common::assert_same_transcript(&ours, &theirs);
     }
 }
