@@ -317,7 +317,10 @@ impl Nodes {
                 "null-co" | "null-aio" => open_null(opts, own),
                 "raw" => self.open_raw(opts, own, parent, opening).await?,
                 "qcow2" => self.open_qcow2(opts, own, parent, opening).await?,
-                "blkdebug" => self.open_blkdebug(opts, own, parent, opening).await?,
+                "blkdebug" => {
+                    self.open_blkdebug(opts, own, parent, opening, monitor_owned)
+                        .await?
+                }
                 "copy-before-write" => self.open_cbw(opts, own, parent, opening).await?,
                 "snapshot-access" => {
                     self.open_snapshot_access(opts, own, parent, opening)
@@ -651,12 +654,14 @@ impl Nodes {
             .map_err(|e| QmpError::generic(format!("Could not open backing file: {}", e.desc)))
     }
 
+    /// `blkdebug`; `top`: the node `blockdev-add` names, not a child given inline.
     async fn open_blkdebug(
         &mut self,
         opts: &BlockdevOptions,
         own: Inherited,
         parent: &str,
         opening: &mut Opening,
+        top: bool,
     ) -> QmpResult<Opened> {
         if opts.inject_error.as_ref().is_some_and(|r| r.is_empty()) {
             return Err(QmpError::generic(
@@ -675,8 +680,11 @@ impl Nodes {
             .flatten()
             .map(inject_rule)
             .collect();
-        // QEMU keeps the rules flattened, and names a node with rules by its options.
-        let mut flat = Map::new();
+        // QEMU keeps the rules flattened, and names a node with rules by its options. Its
+        // dictionary lists keys that share a bucket newest first, and the options of a child
+        // given inline pass through one copy more than a top node's: their ties come out the
+        // other way round (recorded on qsd: `errno` before `event` inline, after it on top).
+        let mut flat = Vec::new();
         for (i, rule) in opts.inject_error.iter().flatten().enumerate() {
             let fields = [
                 ("event", Some(json!(rule.event))),
@@ -688,10 +696,14 @@ impl Nodes {
             ];
             for (key, value) in fields {
                 if let Some(value) = value {
-                    flat.insert(format!("inject-error.{i}.{key}"), value);
+                    flat.push((format!("inject-error.{i}.{key}"), value));
                 }
             }
         }
+        if !top {
+            flat.reverse();
+        }
+        let flat: Map<String, Value> = flat.into_iter().collect();
         Ok(Opened {
             driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only)),
             read_only: own.read_only,

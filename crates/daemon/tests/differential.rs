@@ -405,6 +405,7 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
         "b5.raw",
         "b6.raw",
         "b7.raw",
+        "t5.raw",
     ] {
         qemu_img(&["create", "-f", "raw", name, "1M"], dir.path());
     }
@@ -489,6 +490,10 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
         json!({"driver": "blkdebug", "node-name": "rules", "image": file("t3.raw"),
                "inject-error": [{"event": "write_aio", "errno": 5, "sector": 8, "once": true}]}),
         json!({"driver": "raw", "node-name": "rr", "file": "rules"}),
+        // Given inline, the same rules come out with their tied keys the other way round.
+        json!({"driver": "raw", "node-name": "ri", "file": {"driver": "blkdebug",
+               "image": file("t5.raw"),
+               "inject-error": [{"event": "write_aio", "errno": 5, "sector": 8}]}}),
         json!({"driver": "raw", "node-name": "part", "offset": 4096, "size": 65536,
                "file": file("t4 é.raw")}),
         json!({"driver": "raw", "node-name": "rna", "file": "na"}),
