@@ -787,7 +787,7 @@ impl BlockCopy {
             let mut held = Vec::with_capacity(mine.len());
             for (id, s, e) in mine {
                 let (tx, rx) = oneshot::channel();
-                drop(self.spawn(id, s, e, Some(tx)));
+                drop(self.spawn(id, s, e, Some(tx), false));
                 held.push(rx);
             }
             let mut first_err = None;
@@ -813,6 +813,20 @@ impl BlockCopy {
     /// own. Returns the start and end of the area and the task, whose result says whether the
     /// area reached the target; `None` when nothing is dirty from `from` on.
     pub fn copy_next(self: &Arc<Self>, from: u64, limit: u64) -> Option<(u64, u64, CopyTask)> {
+        self.copy_next_within(from, limit, None)
+            .map(|(s, e, task, _)| (s, e, task))
+    }
+
+    /// [`copy_next`](Self::copy_next), where block status just found `zero` reading as
+    /// zeroes: a task claimed inside it writes zeroes at once, without asking again (a dirty
+    /// range nobody has claimed still holds what the source held at the point in time).
+    /// The flag says whether the task does.
+    fn copy_next_within(
+        self: &Arc<Self>,
+        from: u64,
+        limit: u64,
+        zero: Option<(u64, u64)>,
+    ) -> Option<(u64, u64, CopyTask, bool)> {
         let from = align_down(from, self.cluster);
         let (id, s, e) = {
             let mut st = lock(&self.state);
@@ -827,13 +841,20 @@ impl BlockCopy {
                 .find(|(&c, p)| p.taken != self.full(c))
                 .map(|(&c, p)| (c, self.full(c) & !p.taken));
             match (area, partial) {
-                (Some((s, _)), Some((c, want))) if c < s => self.claim_grains(&mut st, c, want)?,
-                (None, Some((c, want))) => self.claim_grains(&mut st, c, want)?,
+                (Some((s, _)), Some((c, want))) if c < s => {
+                    let (id, s, e) = self.claim_grains(&mut st, c, want)?;
+                    return Some((s, e, self.spawn(id, s, e, None, false), false));
+                }
+                (None, Some((c, want))) => {
+                    let (id, s, e) = self.claim_grains(&mut st, c, want)?;
+                    return Some((s, e, self.spawn(id, s, e, None, false), false));
+                }
                 (Some((s, n)), _) => self.claim(&mut st, s, s + n).pop()?,
                 (None, None) => return None,
             }
         };
-        Some((s, e, self.spawn(id, s, e, None)))
+        let zero = zero.is_some_and(|(zs, ze)| zs <= s && e <= ze);
+        Some((s, e, self.spawn(id, s, e, None, zero), zero))
     }
 
     /// The most one background task takes: a chunk, or `limit` rounded up to a cluster when
@@ -852,40 +873,46 @@ impl BlockCopy {
     /// whole chunks; a throttled job's progress (a chunk, then the speed's wait) and the offset
     /// a cancel reports then match QEMU's, e.g. 64 KiB on a raw image that `qemu-img create`
     /// made, whose first 4 KiB are written.
+    ///
+    /// The flag says whether the task only writes zeroes (its area reads as zeroes): such a
+    /// task holds no data, and writes at once, before any task that has to read.
     pub async fn copy_next_run(
         self: &Arc<Self>,
         from: u64,
         limit: u64,
-    ) -> Option<(u64, u64, CopyTask)> {
+    ) -> Option<(u64, u64, CopyTask, bool)> {
         let chunk = self.chunk_within(limit);
         let from = align_down(from, self.cluster);
         let next = self
             .bitmap
             .with(|b| b.next_dirty_area(from, self.len, chunk))
             .flatten();
-        let limit = match next {
+        let (limit, zero) = match next {
             // A failed block status leaves the area whole; the task's own read reports it.
             Some((s, n)) => match self.first_run(s, n).await {
-                Ok(run) if run < n => run,
-                _ => limit,
+                Ok((run, zero)) if run < n => (run, zero.then_some((s, s + run))),
+                Ok((_, zero)) => (limit, zero.then_some((s, s + n))),
+                _ => (limit, None),
             },
-            None => limit,
+            None => (limit, None),
         };
-        self.copy_next(from, limit)
+        self.copy_next_within(from, limit, zero)
     }
 
     /// The length of the block-status run at `at` within `want` (see
     /// [`copy_next_run`](Self::copy_next_run)).
-    async fn first_run(&self, at: u64, want: u64) -> Result<u64> {
+    /// Whether the run reads as zeroes comes with it.
+    async fn first_run(&self, at: u64, want: u64) -> Result<(u64, bool)> {
         let node = self.source.node();
         if self.skip_unallocated.load(Ordering::Relaxed) {
             let base = top_layer_base(&node);
             let (allocated, n) = map::allocated_above(&node, base.as_ref(), at, want).await?;
             if !allocated {
-                return Ok(self.whole_clusters(at, n, at + want));
+                return Ok((self.whole_clusters(at, n, at + want), false));
             }
         }
-        Ok(self.classify(&node, at, want).await?.1)
+        let (content, n) = self.classify(&node, at, want).await?;
+        Ok((n, matches!(content, Content::Zero)))
     }
 
     fn spawn(
@@ -894,11 +921,12 @@ impl BlockCopy {
         start: u64,
         end: u64,
         held: Option<oneshot::Sender<Result<()>>>,
+        zero: bool,
     ) -> CopyTask {
         let this = self.clone();
         // Only a guest write waits for a task it claimed; the others are background I/O.
         let background = held.is_none();
-        let task = async move { this.run_task(id, start, end, held).await };
+        let task = async move { this.run_task(id, start, end, held, zero).await };
         tokio::spawn(block::drain::carry(async move {
             if background {
                 block::io_class::background(task).await
@@ -914,8 +942,13 @@ impl BlockCopy {
         start: u64,
         end: u64,
         mut held: Option<oneshot::Sender<Result<()>>>,
+        zero: bool,
     ) -> std::result::Result<u64, CopyError> {
-        let units = u32::try_from((end - start).div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
+        // Zeroes hold no buffer: a zero task takes nothing from the budget.
+        let units = match zero {
+            true => 0,
+            false => u32::try_from((end - start).div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX),
+        };
         let permit = match self.memory.clone().acquire_many_owned(units).await {
             Ok(p) => p,
             Err(_) => {
@@ -938,7 +971,7 @@ impl BlockCopy {
             .iter()
             .find(|t| t.id == id)
             .map_or(0, |t| t.grains);
-        if !guest && self.copy_range.load(Ordering::Relaxed) {
+        if !guest && !zero && self.copy_range.load(Ordering::Relaxed) {
             match self.offload(start, end, grains).await {
                 Ok(true) => {
                     if self.discard_source {
@@ -954,7 +987,21 @@ impl BlockCopy {
                 }
             }
         }
-        let pieces = match self.fetch(start, end, guest).await {
+        // As in QEMU, where every task's read yields: tasks started with this one that only
+        // write zeroes reach the target before this one's data does.
+        if !guest && !zero {
+            tokio::task::yield_now().await;
+        }
+        let fetched = if zero {
+            Ok(vec![Piece {
+                offset: start,
+                len: end - start,
+                content: Content::Zero,
+            }])
+        } else {
+            self.fetch(start, end, guest).await
+        };
+        let pieces = match fetched {
             Ok(p) if grains != 0 => {
                 Arc::new(self.keep_grains(align_down(start, self.cluster), grains, p))
             }

@@ -367,6 +367,63 @@ fn text(e: &block::BlockError) -> String {
     }
 }
 
+/// The background copy's tasks in flight.
+///
+/// Unthrottled, QEMU starts `max-workers` tasks at once. Here tasks that read hold buffers, so
+/// fewer of them go out (see [`Pace`]); tasks that only write zeroes hold nothing and go out up
+/// to `max-workers`, before the reads of the tasks started with them complete, as in QEMU (a
+/// target that fails every write after the first data write still takes the zeroes then).
+#[derive(Default)]
+struct InFlight {
+    set: tokio::task::JoinSet<(TaskResult, Duration, u64, bool)>,
+    /// Tasks in flight that read.
+    reading: usize,
+    /// Tasks started so far, in order: a failure is acted on once the tasks QEMU would have
+    /// had in flight with it are done.
+    started: u64,
+    /// Where the last task started ends.
+    last_end: u64,
+}
+
+type TaskResult = Result<Result<u64, block_copy::CopyError>, tokio::task::JoinError>;
+
+impl InFlight {
+    /// Whether another task may start: throttled, `workers` tasks of any kind; unthrottled,
+    /// `workers` that read and `max_workers` in all.
+    fn has_room(&self, speed: u64, workers: usize, max_workers: usize) -> bool {
+        match speed {
+            0 => self.reading < workers && self.set.len() < max_workers.max(workers),
+            _ => self.set.len() < workers,
+        }
+    }
+
+    fn spawn(&mut self, task: block_copy::CopyTask, end: u64, zero: bool) {
+        self.started += 1;
+        self.last_end = end;
+        let seq = self.started;
+        if !zero {
+            self.reading += 1;
+        }
+        self.set.spawn(async move {
+            let began = std::time::Instant::now();
+            (task.await, began.elapsed(), seq, zero)
+        });
+    }
+
+    /// The next task to end: its result, how long it took and its place in the order.
+    async fn join_next(
+        &mut self,
+    ) -> Option<Result<(TaskResult, Duration, u64), tokio::task::JoinError>> {
+        let r = self.set.join_next().await?;
+        Some(r.map(|(result, took, seq, zero)| {
+            if !zero {
+                self.reading -= 1;
+            }
+            (result, took, seq)
+        }))
+    }
+}
+
 /// What a failed job reports: strerror of the errno, as QEMU's backup does.
 fn strerror(e: &block::BlockError) -> String {
     let s = std::io::Error::from_raw_os_error(e.errno()).to_string();
@@ -653,11 +710,8 @@ impl Backup {
     }
 
     async fn copy_all(&self, bcs: &Arc<BlockCopy>, ctx: &JobContext) -> Result<(), String> {
-        let mut set = tokio::task::JoinSet::new();
+        let mut set = InFlight::default();
         let mut cursor = 0;
-        // Tasks in the order they started: a failure is acted on once the tasks QEMU would
-        // have had in flight with it are done (see below).
-        let mut started: u64 = 0;
         let mut pace = Pace::default();
         let mut retrying = false;
         let cbw = self.parts.lock().await.as_ref().map(|p| p.cbw.clone());
@@ -690,7 +744,7 @@ impl Backup {
             if let Some(e) = bcs.take_error() {
                 retrying |= self.on_error(ctx, false, &e).await?;
             }
-            while set.len() < workers {
+            while set.has_room(speed, workers, self.spec.max_workers) {
                 // A drained source or target pauses the job here, invisibly (QEMU pauses it
                 // with paused/running events each time).
                 self.spec.source.undrained().await;
@@ -701,15 +755,10 @@ impl Backup {
                     return Ok(());
                 }
                 match bcs.copy_next_run(cursor, limit).await {
-                    Some((start, end, task)) => {
+                    Some((start, end, task, zero)) => {
                         ctx.rate_charge(end - start);
                         cursor = end;
-                        started += 1;
-                        let seq = started;
-                        set.spawn(async move {
-                            let began = std::time::Instant::now();
-                            (task.await, began.elapsed(), seq)
-                        });
+                        set.spawn(task, end, zero);
                     }
                     None if cursor > 0 => cursor = 0,
                     None => break,
@@ -734,25 +783,26 @@ impl Backup {
                         0 => seq + self.spec.max_workers.max(1) as u64 - 1,
                         _ => 0,
                     };
-                    while started < window && !ctx.is_cancelled() {
-                        if set.len() >= workers {
+                    // From where the last task started ends, forward only: the failed range
+                    // (dirty again) is the next call's.
+                    let mut at = set.last_end;
+                    while set.started < window && !ctx.is_cancelled() {
+                        if !set.has_room(speed, workers, self.spec.max_workers) {
                             if let Some(Ok((Ok(Ok(bytes)), took, _))) = set.join_next().await {
                                 pace.record(took, bytes, std::time::Instant::now(), max_workers);
                             }
                             continue;
                         }
-                        // Forward only: the failed range is retried by the next call.
-                        let Some((_, end, task)) = bcs.copy_next_run(cursor, limit).await else {
+                        let Some((_, end, task, zero)) = bcs.copy_next_run(at, limit).await else {
                             break;
                         };
-                        cursor = end;
-                        started += 1;
-                        let seq = started;
-                        set.spawn(async move {
-                            let began = std::time::Instant::now();
-                            (task.await, began.elapsed(), seq)
-                        });
+                        if end <= at {
+                            break;
+                        }
+                        at = end;
+                        set.spawn(task, end, zero);
                     }
+                    cursor = at;
                     while let Some(r) = set.join_next().await {
                         if let Ok((Ok(Ok(bytes)), took, _)) = r {
                             pace.record(took, bytes, std::time::Instant::now(), max_workers);

@@ -1863,33 +1863,25 @@ fn blkdebug_rules_fire_where_qemus_do() {
     common::assert_same_as_qsd(run_blkdebug_placement);
 }
 
-/// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
-/// write whose old data cannot be read fails under break-guest-write and goes on under
-/// break-snapshot.
 /// A target write fails in one of the 1 MiB chunks of a `mib` MiB disk (at `sector`): QEMU
 /// starts up to 64 chunks at once, and those finish before the job acts on the error, so a
 /// failure in the second of four reports 3 MiB done, and one in a 16 MiB disk 15 MiB. With
 /// `stop`, `then` (job-resume or job-cancel) follows the pause; `once`: only the first write
-/// fails.
+/// fails. Without `sector` every write fails once the first data write has reached the rule;
+/// zeroes written before it (an unwritten source, `filled` false) still land, as in QEMU.
 fn run_failure_progress(
     program: &Path,
     (action, then, once): (&str, &str, bool),
-    (mib, sector): (u64, u64),
+    (mib, sector, filled): (u64, Option<u64>, bool),
 ) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = format!("{mib}M");
     common::qemu_img(&["create", "-f", "raw", "s.raw", &size], dir.path());
     common::qemu_img(&["create", "-f", "raw", "t.raw", &size], dir.path());
-    qemu_io(
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P 0x5a 0 {size}"),
-            "s.raw",
-        ],
-        dir.path(),
-    );
+    if filled {
+        let fill = format!("write -P 0x5a 0 {size}");
+        qemu_io(&["-f", "raw", "-c", &fill, "s.raw"], dir.path());
+    }
     let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let file = |f: &str| json!({"driver": "file", "filename": f});
@@ -1897,7 +1889,10 @@ fn run_failure_progress(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "src", "file": file("s.raw")}),
     );
-    let rule = json!({"event": "write_aio", "errno": 5, "sector": sector, "once": once});
+    let mut rule = json!({"event": "write_aio", "errno": 5, "once": once});
+    if let Some(sector) = sector {
+        rule["sector"] = json!(sector);
+    }
     c.cmd(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "tgt", "file": {"driver": "blkdebug",
@@ -1972,14 +1967,17 @@ fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
     // A target that fails once, then works; or for good (the cancelled job's retry fails too
     // and ends it without another error event).
     for (case, disk) in [
-        (("report", "", true), (4, 2048)),
-        (("stop", "job-resume", true), (4, 2048)),
-        (("stop", "job-cancel", true), (4, 2048)),
-        (("stop", "job-cancel", false), (4, 2048)),
+        (("report", "", true), (4, Some(2048), true)),
+        (("stop", "job-resume", true), (4, Some(2048), true)),
+        (("stop", "job-cancel", true), (4, Some(2048), true)),
+        (("stop", "job-cancel", false), (4, Some(2048), true)),
         // More chunks than we keep in flight, fewer than QEMU's 64 workers.
-        (("report", "", true), (16, 2048)),
-        (("report", "", false), (16, 20480)),
-        (("stop", "job-resume", true), (16, 2048)),
+        (("report", "", true), (16, Some(2048), true)),
+        (("report", "", false), (16, Some(20480), true)),
+        (("stop", "job-resume", true), (16, Some(2048), true)),
+        // Every write fails after the first data write; the zeroes went out before it.
+        (("report", "", false), (4, None, false)),
+        (("report", "", false), (16, None, false)),
     ] {
         let ours = run_failure_progress(&common::blockjobd(), case, disk);
         let theirs = run_failure_progress(Path::new("qemu-storage-daemon"), case, disk);
@@ -1987,6 +1985,9 @@ fn a_failed_chunk_lets_the_chunks_in_flight_finish_as_in_qemu_storage_daemon() {
     }
 }
 
+/// QEMU 10.1's `on-cbw-error` on blockdev-backup (qsd 10.0.2 has no such argument): a guest
+/// write whose old data cannot be read fails under break-guest-write and goes on under
+/// break-snapshot.
 fn guest_write_with_failing_copy(mode: &str) -> bool {
     let dir = tempfile::tempdir().expect("tempdir");
     images(dir.path());
