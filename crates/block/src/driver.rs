@@ -333,14 +333,113 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     }
 }
 
-/// What a format driver announces to the node below it before a request (QEMU's blkdebug
-/// events); `blkdebug` rules fire on them.
+/// What a driver announces to the node below it before a request (QEMU's blkdebug events);
+/// `blkdebug` rules fire on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DebugEvent {
     /// About to read guest data (`read_aio`).
     ReadAio,
     /// About to write guest data (`write_aio`).
     WriteAio,
+    /// A write reaches the node (`pwritev`; blkdebug announces it to itself, as QEMU's block
+    /// layer does for the node a write reaches).
+    Pwritev,
+    /// A write of zeroes reaches the node (`pwritev_zero`).
+    PwritevZero,
+    /// A write through the node finished (`pwritev_done`).
+    PwritevDone,
+    /// A flush reaches the node (`flush_to_os`, then `flush_to_disk`).
+    FlushToOs,
+    /// See [`FlushToOs`](Self::FlushToOs).
+    FlushToDisk,
+    /// qcow2 reads an L2 table (`l2_load`).
+    L2Load,
+    /// qcow2 writes an L2 table (`l2_update`).
+    L2Update,
+    /// qcow2 writes an L1 entry (`l1_update`).
+    L1Update,
+    /// qcow2 allocates data clusters (`cluster_alloc`).
+    ClusterAlloc,
+    /// qcow2 allocates bytes for compressed data (`cluster_alloc_bytes`).
+    ClusterAllocBytes,
+    /// qcow2 writes part of a refcount block (`refblock_update_part`).
+    RefblockUpdatePart,
+    /// An event QEMU names that nothing here announces: a rule on it never fires.
+    Unplaced,
+}
+
+impl DebugEvent {
+    /// Every event name QEMU's schema has, in its order.
+    pub const NAMES: &'static [&'static str] = &[
+        "l1_update",
+        "l1_grow_alloc_table",
+        "l1_grow_write_table",
+        "l1_grow_activate_table",
+        "l2_load",
+        "l2_update",
+        "l2_update_compressed",
+        "l2_alloc_cow_read",
+        "l2_alloc_write",
+        "read_aio",
+        "read_backing_aio",
+        "read_compressed",
+        "write_aio",
+        "write_compressed",
+        "vmstate_load",
+        "vmstate_save",
+        "cow_read",
+        "cow_write",
+        "reftable_load",
+        "reftable_grow",
+        "reftable_update",
+        "refblock_load",
+        "refblock_update",
+        "refblock_update_part",
+        "refblock_alloc",
+        "refblock_alloc_hookup",
+        "refblock_alloc_write",
+        "refblock_alloc_write_blocks",
+        "refblock_alloc_write_table",
+        "refblock_alloc_switch_table",
+        "cluster_alloc",
+        "cluster_alloc_bytes",
+        "cluster_free",
+        "flush_to_os",
+        "flush_to_disk",
+        "pwritev_rmw_head",
+        "pwritev_rmw_after_head",
+        "pwritev_rmw_tail",
+        "pwritev_rmw_after_tail",
+        "pwritev",
+        "pwritev_zero",
+        "pwritev_done",
+        "empty_image_prepare",
+        "l1_shrink_write_table",
+        "l1_shrink_free_l2_clusters",
+        "cor_write",
+        "cluster_alloc_space",
+        "none",
+    ];
+
+    /// The event QEMU calls `name` (one of [`NAMES`](Self::NAMES)).
+    pub fn from_name(name: &str) -> DebugEvent {
+        match name {
+            "read_aio" => DebugEvent::ReadAio,
+            "write_aio" => DebugEvent::WriteAio,
+            "pwritev" => DebugEvent::Pwritev,
+            "pwritev_zero" => DebugEvent::PwritevZero,
+            "pwritev_done" => DebugEvent::PwritevDone,
+            "flush_to_os" => DebugEvent::FlushToOs,
+            "flush_to_disk" => DebugEvent::FlushToDisk,
+            "l2_load" => DebugEvent::L2Load,
+            "l2_update" => DebugEvent::L2Update,
+            "l1_update" => DebugEvent::L1Update,
+            "cluster_alloc" => DebugEvent::ClusterAlloc,
+            "cluster_alloc_bytes" => DebugEvent::ClusterAllocBytes,
+            "refblock_update_part" => DebugEvent::RefblockUpdatePart,
+            _ => DebugEvent::Unplaced,
+        }
+    }
 }
 
 /// Capability: writing whole clusters compressed.

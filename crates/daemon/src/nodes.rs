@@ -1025,10 +1025,7 @@ fn json_map(v: Value) -> Map<String, Value> {
 
 fn inject_rule(m: &InjectRule) -> InjectError {
     InjectError {
-        event: match m.event.as_str() {
-            "write_aio" => DebugEvent::WriteAio,
-            _ => DebugEvent::ReadAio,
-        },
+        event: DebugEvent::from_name(&m.event),
         errno: m
             .errno
             .and_then(|e| i32::try_from(e).ok())

@@ -1863,6 +1863,55 @@ fn blkdebug_rules_fire_where_qemus_do() {
     common::assert_same_as_qsd(run_blkdebug_placement);
 }
 
+/// Rules on the events QEMU's block layer and qcow2 announce besides `write_aio`: a backup
+/// into a qcow2 target over blkdebug fails (or not) where and when qsd's does.
+fn run_blkdebug_events(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
+    qemu_io(&["-f", "raw", "-c", "write -P 1 0 4M", "s.raw"], dir.path());
+    let events = [
+        ("l1_update", true),
+        ("l2_update", true),
+        ("l2_update", false),
+        ("l2_load", false),
+        ("refblock_update_part", false),
+        ("cluster_alloc", true),
+        ("pwritev", false),
+        ("pwritev_zero", false),
+        ("flush_to_disk", false),
+        ("cow_read", false),
+    ];
+    for i in 0..events.len() {
+        let name = format!("t{i}.qcow2");
+        common::qemu_img(&["create", "-f", "qcow2", &name, "4M"], dir.path());
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let src = json!({"driver": "raw", "node-name": "s",
+                     "file": {"driver": "file", "filename": "s.raw"}});
+    out.push(canon(&c.cmd("blockdev-add", src)));
+    for (i, (event, once)) in events.iter().enumerate() {
+        let rule = json!({"event": event, "errno": 5, "once": once});
+        let target = json!({"driver": "qcow2", "node-name": format!("t{i}"),
+            "file": {"driver": "blkdebug", "inject-error": [rule],
+                     "image": {"driver": "file", "filename": format!("t{i}.qcow2")}}});
+        out.push(format!("{event} {}", canon(&c.cmd("blockdev-add", target))));
+        let backup = json!({"job-id": format!("j{i}"), "device": "s",
+                            "target": format!("t{i}"), "sync": "full"});
+        out.push(canon(&c.cmd("blockdev-backup", backup)));
+        let mut seen = Vec::new();
+        let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+        out.push(format!("  {}", canon(&done["data"])));
+    }
+    out
+}
+
+#[test]
+fn blkdebug_events_fire_where_qemus_do() {
+    common::assert_same_as_qsd(run_blkdebug_events);
+}
+
 /// A target write fails in one of the 1 MiB chunks of a `mib` MiB disk (at `sector`): QEMU
 /// starts up to 64 chunks at once, and those finish before the job acts on the error, so a
 /// failure in the second of four reports 3 MiB done, and one in a 16 MiB disk 15 MiB. With

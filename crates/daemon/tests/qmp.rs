@@ -318,8 +318,8 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
             "Image is not in qcow2 format",
         ),
         (
-            json!({"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "x", "image": "n0", "inject-error": [{"event": "l1_update"}]}}),
-            "Parameter 'event' does not accept value 'l1_update'",
+            json!({"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "x", "image": "n0", "inject-error": [{"event": "l1_updates"}]}}),
+            "Parameter 'event' does not accept value 'l1_updates'",
         ),
         (
             json!({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "x", "filename": "plain.raw", "detect-zeroes": "unmap"}}),

@@ -165,12 +165,19 @@ impl BlockDriver for BlkdebugDriver {
         self.image.read_into(offset, buf).await
     }
     async fn write(&self, offset: u64, data: IoVec, flags: WriteFlags) -> Result<()> {
+        // QEMU's block layer announces a write to the node it reaches, before the driver.
+        self.debug_event(DebugEvent::Pwritev);
         self.check(IoType::Write, offset, data.len() as u64)?;
-        self.image.write(offset, data, flags).await
+        let r = self.image.write(offset, data, flags).await;
+        self.debug_event(DebugEvent::PwritevDone);
+        r
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.debug_event(DebugEvent::PwritevZero);
         self.check(IoType::WriteZeroes, offset, len)?;
-        self.image.write_zeroes(offset, len, flags).await
+        let r = self.image.write_zeroes(offset, len, flags).await;
+        self.debug_event(DebugEvent::PwritevDone);
+        r
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(IoType::Discard, offset, len)?;

@@ -94,6 +94,11 @@ impl BlockDriver for RawDriver {
     }
 
     async fn flush(&self) -> Result<()> {
+        // QEMU's block layer announces a flush of a writable node to its file.
+        if self.writable {
+            self.file.debug_event(DebugEvent::FlushToOs);
+            self.file.debug_event(DebugEvent::FlushToDisk);
+        }
         self.file.flush().await
     }
 

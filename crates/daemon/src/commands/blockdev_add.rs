@@ -213,7 +213,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "BlockdevOptionsQcow2",
             &["file:BlockdevRef", "*backing:BlockdevRefOrNull"],
         )
-        .enumeration("BlkdebugEvent", &["read_aio", "write_aio"])
+        .enumeration("BlkdebugEvent", block::DebugEvent::NAMES)
         .enumeration(
             "BlkdebugIOType",
             &[

@@ -296,6 +296,7 @@ impl Qcow2Driver {
             let covered = meta.prepare_l2(c0 + i as u64).await?;
             let run = run.min(usize::try_from(covered).unwrap_or(usize::MAX));
             let blank_from = meta.blank_from();
+            self.file.debug_event(DebugEvent::ClusterAlloc);
             let (host, got) = meta.alloc_some_clusters(run as u64).await?;
             for k in 0..got as usize {
                 targets[i + k] = Some(Target {
@@ -460,6 +461,7 @@ impl Qcow2Driver {
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
+            self.file.debug_event(DebugEvent::ClusterAllocBytes);
             (old, meta.alloc_bytes(packed.len() as u64).await?)
         };
         let size = packed.len() as u64;

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use block::{BlockError, Child, ErrorKind, IoVec, Result, WriteFlags};
+use block::{BlockError, Child, DebugEvent, ErrorKind, IoVec, Result, WriteFlags};
 
 use super::entry::{Mapping, COPIED, OFFSET_MASK};
 use super::header::Header;
@@ -252,6 +252,7 @@ impl Meta {
         if !self.l2.contains_key(&off) {
             self.check_meta_offset(off, self.file_len())?;
             self.make_room_l2().await?;
+            self.file.debug_event(DebugEvent::L2Load);
             let raw = self.file.read(off, self.cs as usize).await?;
             self.l2.insert(off, Cached::clean(be_u64s(&raw), 0));
         }
@@ -307,6 +308,7 @@ impl Meta {
                 continue;
             }
             let bytes = to_be_bytes(&t.data);
+            self.file.debug_event(DebugEvent::L2Update);
             self.write_bytes(off, bytes).await?;
             if let Some(t) = self.l2.get_mut(&off) {
                 t.dirty = false;
@@ -393,6 +395,8 @@ impl Meta {
         };
         let new = self.alloc_clusters(1).await?;
         self.flush_refblocks().await?;
+        // QEMU writes a new table at once, through its cache (whose write announces it).
+        self.file.debug_event(DebugEvent::L2Update);
         self.write_bytes(new, to_be_bytes(&content)).await?;
         // The table and its refcount are durable before the L1 entry points to it.
         self.sync_refcounts().await?;
@@ -411,6 +415,7 @@ impl Meta {
 
     async fn write_l1_entry(&mut self, i: usize) -> Result<()> {
         let off = self.header.l1_table_offset + i as u64 * 8;
+        self.file.debug_event(DebugEvent::L1Update);
         self.write_bytes(off, self.l1[i].to_be_bytes().to_vec())
             .await?;
         self.l1_dirty.remove(&i);
@@ -535,6 +540,7 @@ impl Meta {
                 continue;
             };
             let data = b.data.clone();
+            self.file.debug_event(DebugEvent::RefblockUpdatePart);
             self.write_bytes(off, data).await?;
             if let Some(b) = self.rb.get_mut(&off) {
                 b.dirty = false;

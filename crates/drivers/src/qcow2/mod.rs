@@ -28,7 +28,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use block::range_lock::RangeLocks;
 use block::{BlockDriver, BlockError, BlockStatus, Child, Facts, ImageInfo, InfoValue, IoVec};
-use block::{Result, WriteFlags, ZeroFlags};
+use block::{DebugEvent, Result, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Mutex;
 
@@ -239,7 +239,11 @@ impl BlockDriver for Qcow2Driver {
         if !self.writable {
             return Ok(());
         }
+        // Announced to the file as QEMU's block layer does: cached metadata goes to the OS,
+        // then to the disk.
+        self.file.debug_event(DebugEvent::FlushToOs);
         let epoch = self.meta.lock().await.flush_refcounts().await?;
+        self.file.debug_event(DebugEvent::FlushToDisk);
         self.file.flush().await?;
         self.meta.lock().await.flush_tables_synced(epoch).await?;
         self.file.flush().await
