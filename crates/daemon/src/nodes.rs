@@ -987,6 +987,9 @@ fn open_null(opts: &BlockdevOptions, own: Inherited) -> Opened {
     if opts.driver == "null-aio" {
         driver = driver.aio();
     }
+    if let Some(ns) = opts.latency_ns {
+        driver = driver.latency(Duration::from_nanos(ns));
+    }
     // `size` and `read-zeroes` change the disk: QEMU then names the node by its options.
     let name = driver.driver_name();
     let mut options = json_map(json!({"driver": name}));

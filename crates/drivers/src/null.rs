@@ -16,6 +16,7 @@ pub struct NullDriver {
     size: u64,
     writable: bool,
     name: &'static str,
+    latency: std::time::Duration,
 }
 
 impl NullDriver {
@@ -25,6 +26,20 @@ impl NullDriver {
             size,
             writable: true,
             name: "null-co",
+            latency: std::time::Duration::ZERO,
+        }
+    }
+
+    /// The same disk taking `latency` to answer each read, write and flush (QEMU's
+    /// `latency-ns`): a slow disk for tests.
+    pub fn latency(mut self, latency: std::time::Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    async fn wait(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
         }
     }
 
@@ -53,19 +68,24 @@ impl BlockDriver for NullDriver {
         self.writable
     }
     async fn read(&self, _offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
+        self.wait().await;
         buf.fill(0);
         Ok(buf)
     }
     async fn write(&self, _: u64, _: IoVec, _: WriteFlags) -> Result<()> {
+        self.wait().await;
         Ok(())
     }
     async fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
+        // QEMU's null driver has no write-zeroes of its own: they are writes, and as slow.
+        self.wait().await;
         Ok(())
     }
     async fn discard(&self, _: u64, _: u64) -> Result<()> {
         Ok(())
     }
     async fn flush(&self) -> Result<()> {
+        self.wait().await;
         Ok(())
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {

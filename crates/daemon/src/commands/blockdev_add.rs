@@ -111,6 +111,8 @@ pub struct BlockdevOptions {
     /// qcow2: the backing file (`null`: none; absent: from the header).
     #[serde(default, deserialize_with = "nullable")]
     pub backing: Option<Option<BlockdevRef>>,
+    /// null-co: nanoseconds each request takes.
+    pub latency_ns: Option<u64>,
     /// null-co: reads return zeroes.
     #[allow(dead_code)]
     pub read_zeroes: Option<bool>,
@@ -196,7 +198,10 @@ pub(crate) fn schema(s: &mut Schema) {
                 "*aio:BlockdevAioOptions",
             ],
         )
-        .object("BlockdevOptionsNull", &["*size:size", "*read-zeroes:bool"])
+        .object(
+            "BlockdevOptionsNull",
+            &["*size:size", "*latency-ns:uint64", "*read-zeroes:bool"],
+        )
         .object(
             "BlockdevOptionsNbd",
             &[
