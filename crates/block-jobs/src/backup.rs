@@ -767,7 +767,7 @@ impl Backup {
             // Resumed after an error stop, QEMU starts the copy again before it looks at a
             // cancel: one round of chunks goes out whatever happened meanwhile.
             retrying = false;
-            match set.join_next().await {
+            match ctx.io_wait(set.join_next()).await {
                 Some(Ok((Ok(Ok(bytes)), took, _))) => {
                     let now = std::time::Instant::now();
                     pace.record(took, bytes, now, max_workers);

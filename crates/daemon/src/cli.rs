@@ -37,7 +37,8 @@ A qemu-storage-daemon compatible storage daemon: block nodes driven over QMP.
   --export [type=]nbd,id=<id>,node-name=<N>[,name=<export>][,writable=on|off]
            [,writethrough=on|off][,description=<text>][,allocation-depth=on|off]
                             export a node over NBD; runs block-export-add
-  --object <options>        no object types are supported yet
+  --object <options>        throttle-group,id=<id>[,limits.bps-total=<n>,...] (the
+                            limits of `throttle` nodes; other types are refused)
   --pidfile <path>          write the process ID to <path>
   --daemonize               detach once start-up succeeded
   -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
@@ -144,6 +145,13 @@ pub enum Item {
     /// `--nbd-server`: `NbdServerOptions` (flat address), run as `nbd-server-start`.
     NbdServer {
         /// The options.
+        args: Map<String, Value>,
+        /// From key=value text.
+        keyval: bool,
+    },
+    /// `--object`: the arguments of an `object-add`.
+    Object {
+        /// The arguments.
         args: Map<String, Value>,
         /// From key=value text.
         keyval: bool,
@@ -259,12 +267,16 @@ fn apply(config: &mut Config, name: &str, value: &str) -> Result<(), CliError> {
             config.items.push(Item::Export { args, keyval });
         }
         "object" => {
-            let (m, _) = keyval::parse_option(value, Some("qom-type")).map_err(|e| err(name, e))?;
-            let ty = m.get("qom-type").and_then(Value::as_str).unwrap_or("");
-            return Err(err(
-                name,
-                format!("object type '{ty}' is not supported by blockjobd"),
-            ));
+            let (args, keyval) =
+                keyval::parse_option(value, Some("qom-type")).map_err(|e| err(name, e))?;
+            let ty = args.get("qom-type").and_then(Value::as_str).unwrap_or("");
+            if !crate::commands::object::TYPES.contains(&ty) {
+                return Err(err(
+                    name,
+                    format!("object type '{ty}' is not supported by blockjobd"),
+                ));
+            }
+            config.items.push(Item::Object { args, keyval });
         }
         "pidfile" => config.pidfile = Some(PathBuf::from(value)),
         "trace" => trace(config, value)?,

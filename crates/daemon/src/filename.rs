@@ -96,6 +96,12 @@ pub enum NameRecipe {
         /// opened backing node's name when it came from the header, else the header's text.
         auto_backing: Option<String>,
     },
+    /// A `throttle` filter: named by its options, its group's name among them (QEMU's filters
+    /// cannot be reopened from a file name).
+    Throttle {
+        /// The `throttle-group`.
+        group: String,
+    },
     /// A filter shown under its first child's name, with its children under their keys.
     Filter {
         /// The driver.
@@ -154,6 +160,18 @@ impl NameRecipe {
                     options.insert("backing".into(), value);
                 }
                 NodeFileName::format(&file, options, overridden || !strong.is_empty())
+            }
+            NameRecipe::Throttle { group } => {
+                let file = child(ChildRole::Filtered).unwrap_or_default();
+                let mut options = Map::new();
+                options.insert("driver".into(), json!("throttle"));
+                options.insert("throttle-group".into(), json!(group));
+                options.insert("file".into(), Value::Object(file.options));
+                NodeFileName {
+                    exact: None,
+                    options,
+                    protocol: false,
+                }
             }
             NameRecipe::Filter { driver, children } => {
                 let mut options = Map::new();

@@ -31,7 +31,10 @@ fn backing_of(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
 /// Whether QEMU treats the node's driver as a filter (its image chain goes on through the
 /// filtered child).
 fn is_filter(node: &BlockNode) -> bool {
-    matches!(node.driver_name(), "copy-before-write" | "blkdebug")
+    matches!(
+        node.driver_name(),
+        "copy-before-write" | "blkdebug" | "throttle"
+    )
 }
 
 /// The next image down the chain: the backing file, or a filter's child.
@@ -83,7 +86,9 @@ fn primary_child(node: &BlockNode) -> Option<Arc<BlockNode>> {
 /// null and snapshot-access have no answer.
 fn info_node(node: &Arc<BlockNode>) -> Option<Arc<BlockNode>> {
     match node.driver_name() {
-        "copy-before-write" | "blkdebug" | "raw" => primary_child(node).and_then(|c| info_node(&c)),
+        "copy-before-write" | "blkdebug" | "throttle" | "raw" => {
+            primary_child(node).and_then(|c| info_node(&c))
+        }
         "nbd" | "null-co" | "null-aio" | "snapshot-access" => None,
         _ => Some(node.clone()),
     }

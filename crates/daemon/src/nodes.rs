@@ -67,6 +67,8 @@ pub struct NodeEntry {
 pub struct Nodes {
     /// How file nodes do host I/O (the daemon's settings).
     pub io: drivers::file::IoTuning,
+    /// `throttle-group` objects, by id (`object-add`).
+    pub throttle_groups: BTreeMap<String, Arc<drivers::throttle::ThrottleGroup>>,
     entries: BTreeMap<String, NodeEntry>,
     seq: u64,
     auto_names: u64,
@@ -322,6 +324,7 @@ impl Nodes {
                         .await?
                 }
                 "copy-before-write" => self.open_cbw(opts, own, parent, opening).await?,
+                "throttle" => self.open_throttle(opts, own, parent, opening).await?,
                 "snapshot-access" => {
                     self.open_snapshot_access(opts, own, parent, opening)
                         .await?
@@ -711,6 +714,34 @@ impl Nodes {
                 rules: flat,
                 has_rules: opts.inject_error.is_some(),
             },
+            host_file,
+            node: None,
+            cbw: None,
+        })
+    }
+
+    /// `throttle`: a filter over `file` whose requests wait for its group's limits.
+    async fn open_throttle(
+        &mut self,
+        opts: &BlockdevOptions,
+        own: Inherited,
+        parent: &str,
+        opening: &mut Opening,
+    ) -> QmpResult<Opened> {
+        let name = opts.throttle_group.clone().unwrap_or_default();
+        let group =
+            self.throttle_groups.get(&name).cloned().ok_or_else(|| {
+                QmpError::generic(format!("Throttle group '{name}' does not exist"))
+            })?;
+        let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
+        let (file, host_file) = self
+            .format_child(opts.file.as_ref(), "file", spec, own, opening)
+            .await?;
+        let driver = drivers::throttle::ThrottleDriver::new(file, group, !own.read_only);
+        Ok(Opened {
+            driver: Arc::new(driver),
+            read_only: own.read_only,
+            recipe: NameRecipe::Throttle { group: name },
             host_file,
             node: None,
             cbw: None,

@@ -156,6 +156,10 @@ async fn start(
                 let ty = Some("NbdServerOptions");
                 run_option(c, "nbd-server", "nbd-server-start", ty, args, *keyval).await
             }
+            Item::Object { args, keyval } => {
+                let c = &mut s.control;
+                run_option(c, "object", "object-add", None, args, *keyval).await
+            }
             Item::Export { args, keyval } => {
                 let c = &mut s.control;
                 run_option(c, "export", "block-export-add", None, args, *keyval).await

@@ -1912,6 +1912,139 @@ fn blkdebug_events_fire_where_qemus_do() {
     common::assert_same_as_qsd(run_blkdebug_events);
 }
 
+/// A slow target: a `throttle` node whose `throttle-group` limits writes to 4 MiB/s. The
+/// object commands answer as qsd's, and a backup of 4 MiB through the node takes most of a
+/// second on both daemons and copies the disk.
+fn run_throttled_target(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], dir.path());
+    common::qemu_img(&["create", "-f", "raw", "t.raw", "4M"], dir.path());
+    qemu_io(&["-f", "raw", "-c", "write -P 7 0 4M", "s.raw"], dir.path());
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let say = |c: &mut Client, out: &mut Vec<String>, cmd: &str, args: Value| {
+        let r = c.cmd(cmd, args.clone());
+        out.push(format!("{cmd} {} -> {}", canon(&args), canon(&r)));
+    };
+    let group =
+        |id: &str, limits: Value| json!({"qom-type": "throttle-group", "id": id, "limits": limits});
+    say(
+        &mut c,
+        &mut out,
+        "object-add",
+        group("tg", json!({"bps-write": 4 << 20, "iops-total": 1000})),
+    );
+    say(&mut c, &mut out, "object-add", group("tg", json!({})));
+    say(
+        &mut c,
+        &mut out,
+        "object-add",
+        group("t2", json!({"bps-total": 1000, "bps-read": 10})),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "object-add",
+        group("t3", json!({"bps-total": -5})),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "object-add",
+        group("t4", json!({"bps-total-max": 100})),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "object-add",
+        group("t5", json!({"iops-size": 4096})),
+    );
+    say(&mut c, &mut out, "object-add", group("9bad", json!({})));
+    say(&mut c, &mut out, "object-add", group("spare", json!({})));
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    say(
+        &mut c,
+        &mut out,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "s", "file": file("s.raw")}),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "x",
+        "throttle-group": "nope", "file": file("t.raw")}),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "thr",
+        "throttle-group": "tg", "file": {"driver": "raw", "file": file("t.raw")}}),
+    );
+    say(&mut c, &mut out, "object-del", json!({"id": "tg"}));
+    say(&mut c, &mut out, "object-del", json!({"id": "nope"}));
+    say(&mut c, &mut out, "object-del", json!({"id": "spare"}));
+    say(
+        &mut c,
+        &mut out,
+        "qom-get",
+        json!({"path": "tg", "property": "limits"}),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "qom-get",
+        json!({"path": "nope", "property": "limits"}),
+    );
+    let started = Instant::now();
+    say(
+        &mut c,
+        &mut out,
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "s", "target": "thr",
+        "sync": "full"}),
+    );
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(500), "{program:?}: {took:?}");
+    out.push(format!("completed {}", canon(&done["data"])));
+    say(
+        &mut c,
+        &mut out,
+        "qom-set",
+        json!({"path": "tg", "property": "limits",
+        "value": {"bps-write": 8 << 20}}),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "qom-get",
+        json!({"path": "tg", "property": "limits"}),
+    );
+    say(
+        &mut c,
+        &mut out,
+        "blockdev-del",
+        json!({"node-name": "thr"}),
+    );
+    say(&mut c, &mut out, "object-del", json!({"id": "tg"}));
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", "s.raw", "t.raw"])
+        .current_dir(d.dir.path())
+        .output()
+        .expect("qemu-img");
+    out.push(format!("compare {}", cmp.status));
+    out
+}
+
+#[test]
+fn a_throttled_target_slows_the_backup_as_in_qemu_storage_daemon() {
+    common::assert_same_as_qsd(run_throttled_target);
+}
+
 /// A target write fails in one of the 1 MiB chunks of a `mib` MiB disk (at `sector`): QEMU
 /// starts up to 64 chunks at once, and those finish before the job acts on the error, so a
 /// failure in the second of four reports 3 MiB done, and one in a 16 MiB disk 15 MiB. With

@@ -83,7 +83,8 @@ fn greeting_negotiation_and_introspection() {
             "null-co",
             "qcow2",
             "raw",
-            "snapshot-access"
+            "snapshot-access",
+            "throttle"
         ]
     );
     let file = opts["variants"]

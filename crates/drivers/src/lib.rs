@@ -19,5 +19,6 @@ pub mod null;
 pub mod open;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 
 pub use open::{open_image, probe_format, Format, OpenOptions};

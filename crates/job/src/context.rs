@@ -135,6 +135,15 @@ impl JobContext {
         }
     }
 
+    /// Awaits `f`, the job's own I/O, showing the job as not busy meanwhile, as QEMU's job
+    /// yields while its copy runs.
+    pub async fn io_wait<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.shared.io_wait.store(true, Ordering::Relaxed);
+        let out = f.await;
+        self.shared.io_wait.store(false, Ordering::Relaxed);
+        out
+    }
+
     /// Sleeps for `d` unless woken by a pause, cancel or speed change; then a pause point.
     pub async fn sleep(&self, d: Duration) {
         if !d.is_zero() && !self.is_cancelled() {

@@ -66,6 +66,9 @@ pub(crate) struct Shared {
     pub(crate) cancel_requested: AtomicBool,
     /// Stopped at a pause point or sleeping.
     pub(crate) idle: AtomicBool,
+    /// Waiting for its own I/O (QEMU's job has yielded until its copy calls back): not
+    /// `busy` in the queries, but not idle either (a wake-up is noticed only after the I/O).
+    pub(crate) io_wait: AtomicBool,
     pub(crate) wake: Notify,
     pub(crate) force_cancel: watch::Sender<bool>,
     pub(crate) rate: StdMutex<Rate>,
@@ -165,7 +168,10 @@ impl JobRec {
             auto_finalize: self.auto_finalize,
             auto_dismiss: self.auto_dismiss,
             paused: self.user_paused,
-            busy: self.started && !self.run_done && !self.shared.idle.load(Ordering::Relaxed),
+            busy: self.started
+                && !self.run_done
+                && !self.shared.idle.load(Ordering::Relaxed)
+                && !self.shared.io_wait.load(Ordering::Relaxed),
             io_status: self.io_status,
         }
     }
@@ -323,6 +329,7 @@ impl JobManager {
             cancelled: AtomicBool::new(false),
             cancel_requested: AtomicBool::new(false),
             idle: AtomicBool::new(false),
+            io_wait: AtomicBool::new(false),
             wake: Notify::new(),
             force_cancel,
             rate: StdMutex::new(Rate {

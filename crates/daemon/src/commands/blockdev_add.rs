@@ -126,6 +126,8 @@ pub struct BlockdevOptions {
     pub export: Option<String>,
     /// nbd: seconds requests wait while reconnecting.
     pub reconnect_delay: Option<u64>,
+    /// throttle: the `throttle-group` object whose limits apply.
+    pub throttle_group: Option<String>,
     /// copy-before-write: where old data goes.
     pub target: Option<BlockdevRef>,
     /// copy-before-write: copy only this bitmap's dirty clusters.
@@ -156,6 +158,7 @@ pub const DRIVERS: &[&str] = &[
     "qcow2",
     "raw",
     "snapshot-access",
+    "throttle",
 ];
 
 /// `blockdev-add`'s schema: every driver's options, and the command.
@@ -188,7 +191,12 @@ pub(crate) fn schema(s: &mut Schema) {
                 ("null-co", "BlockdevOptionsNull"),
                 ("qcow2", "BlockdevOptionsQcow2"),
                 ("raw", "BlockdevOptionsRaw"),
+                ("throttle", "BlockdevOptionsThrottle"),
             ],
+        )
+        .object(
+            "BlockdevOptionsThrottle",
+            &["throttle-group:str", "file:BlockdevRef"],
         )
         .object(
             "BlockdevOptionsFile",

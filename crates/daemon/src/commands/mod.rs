@@ -9,6 +9,7 @@ mod blockdev_del;
 mod drive_backup;
 mod export;
 mod job;
+pub mod object;
 mod query;
 mod query_named_block_nodes;
 mod transaction;
@@ -33,6 +34,7 @@ pub(crate) fn schema(s: &mut qmp::Schema) {
     job::schema(s);
     backup::schema(s);
     drive_backup::schema(s);
+    object::schema(s);
 }
 
 /// A command's arguments as its typed struct. They passed the schema check already, so the
@@ -88,6 +90,10 @@ pub async fn execute(
         "query-jobs" => Ok(job::query_jobs(ctl).await),
         "query-block-jobs" => Ok(job::query_block_jobs(ctl).await),
         "blockdev-create" => job::blockdev_create(ctl, &arguments).await,
+        "object-add" => object::add(ctl, &arguments),
+        "object-del" => object::del(ctl, &arguments),
+        "qom-get" => object::get(ctl, &arguments),
+        "qom-set" => object::set(ctl, &arguments),
         "quit" => {
             // Exports end, then jobs are cancelled (concluded ones dismissed), while the
             // monitors still listen: BLOCK_EXPORT_DELETED and the jobs' last
