@@ -1986,18 +1986,10 @@ fn run_throttled_target(program: &Path) -> Vec<String> {
     say(&mut c, &mut out, "object-del", json!({"id": "tg"}));
     say(&mut c, &mut out, "object-del", json!({"id": "nope"}));
     say(&mut c, &mut out, "object-del", json!({"id": "spare"}));
-    say(
-        &mut c,
-        &mut out,
-        "qom-get",
-        json!({"path": "tg", "property": "limits"}),
-    );
-    say(
-        &mut c,
-        &mut out,
-        "qom-get",
-        json!({"path": "nope", "property": "limits"}),
-    );
+    let limits = json!({"path": "tg", "property": "limits"});
+    say(&mut c, &mut out, "qom-get", limits.clone());
+    let unknown = json!({"path": "nope", "property": "limits"});
+    say(&mut c, &mut out, "qom-get", unknown);
     let started = Instant::now();
     say(
         &mut c,
@@ -2018,12 +2010,7 @@ fn run_throttled_target(program: &Path) -> Vec<String> {
         json!({"path": "tg", "property": "limits",
         "value": {"bps-write": 8 << 20}}),
     );
-    say(
-        &mut c,
-        &mut out,
-        "qom-get",
-        json!({"path": "tg", "property": "limits"}),
-    );
+    say(&mut c, &mut out, "qom-get", limits);
     say(
         &mut c,
         &mut out,
