@@ -1986,6 +1986,14 @@ fn run_throttled_target(program: &Path) -> Vec<String> {
     say(&mut c, &mut out, "object-del", json!({"id": "tg"}));
     say(&mut c, &mut out, "object-del", json!({"id": "nope"}));
     say(&mut c, &mut out, "object-del", json!({"id": "spare"}));
+    // The legacy `x-` properties, set after `limits` (they win); negative ones are refused.
+    let legacy = json!({"qom-type": "throttle-group", "id": "old", "x-bps-total": 4096,
+                        "limits": {"bps-total": 8192, "iops-total": 5}});
+    say(&mut c, &mut out, "object-add", legacy);
+    let old = json!({"path": "old", "property": "limits"});
+    say(&mut c, &mut out, "qom-get", old);
+    let negative = json!({"qom-type": "throttle-group", "id": "neg", "x-bps-total": -1});
+    say(&mut c, &mut out, "object-add", negative);
     let limits = json!({"path": "tg", "property": "limits"});
     say(&mut c, &mut out, "qom-get", limits.clone());
     let unknown = json!({"path": "nope", "property": "limits"});

@@ -35,6 +35,30 @@ const LIMITS: &[&str] = &[
     "*iops-size:int",
 ];
 
+/// ThrottleGroupProperties: `limits`, and the same limits one by one under `x-` names.
+const LEGACY: &[&str] = &[
+    "*limits:ThrottleLimits",
+    "*x-iops-total:int",
+    "*x-iops-total-max:int",
+    "*x-iops-total-max-length:int",
+    "*x-iops-read:int",
+    "*x-iops-read-max:int",
+    "*x-iops-read-max-length:int",
+    "*x-iops-write:int",
+    "*x-iops-write-max:int",
+    "*x-iops-write-max-length:int",
+    "*x-bps-total:int",
+    "*x-bps-total-max:int",
+    "*x-bps-total-max-length:int",
+    "*x-bps-read:int",
+    "*x-bps-read-max:int",
+    "*x-bps-read-max-length:int",
+    "*x-bps-write:int",
+    "*x-bps-write-max:int",
+    "*x-bps-write-max-length:int",
+    "*x-iops-size:int",
+];
+
 pub(crate) fn schema(s: &mut Schema) {
     s.enumeration("ObjectType", TYPES)
         .object("ThrottleLimits", LIMITS)
@@ -44,7 +68,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "qom-type",
             &[("throttle-group", "ThrottleGroupProperties")],
         )
-        .object("ThrottleGroupProperties", &["*limits:ThrottleLimits"])
+        .object("ThrottleGroupProperties", LEGACY)
         .command("object-add", Some("ObjectOptions"), None, &[])
         .command("object-del", Some("ObjectDelArgs"), None, &[])
         .object("ObjectDelArgs", &["id:str"])
@@ -119,7 +143,20 @@ pub fn add(ctl: &mut Control, args: &Map<String, Value>) -> QmpResult<Value> {
             "attempt to add duplicate property '{id}' to object (type 'container')"
         )));
     }
-    let limits = apply_limits(&Limits::default(), args.get("limits"))?;
+    // The `x-` properties are the members of `limits` one by one, set after it (they win).
+    let legacy: Map<String, Value> = args
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("x-").map(|k| (k.to_owned(), v.clone())))
+        .collect();
+    if legacy.values().any(|v| v.as_i64().is_some_and(|n| n < 0)) {
+        return Err(QmpError::generic("Property values cannot be negative"));
+    }
+    let mut given = match args.get("limits") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => Map::new(),
+    };
+    given.extend(legacy);
+    let limits = apply_limits(&Limits::default(), Some(&Value::Object(given)))?;
     ctl.nodes
         .throttle_groups
         .insert(id.to_owned(), ThrottleGroup::new(limits));
