@@ -123,10 +123,11 @@ impl NameRecipe {
             NameRecipe::Fixed(naming) => naming.clone(),
             NameRecipe::Blkdebug { rules, has_rules } => {
                 let image = child(ChildRole::Filtered).unwrap_or_default();
+                // QEMU's order of insertion: the driver, the options, then the children.
                 let mut options = Map::new();
                 options.insert("driver".into(), json!("blkdebug"));
-                options.insert("image".into(), Value::Object(image.options.clone()));
                 options.extend(rules.clone());
+                options.insert("image".into(), Value::Object(image.options.clone()));
                 let exact = match (&image.exact, has_rules) {
                     (Some(name), false) => Some(format!("blkdebug::{name}")),
                     _ => None,
@@ -142,8 +143,8 @@ impl NameRecipe {
                 let file = child(ChildRole::File).unwrap_or_default();
                 let mut options = Map::new();
                 options.insert("driver".into(), json!(driver));
-                options.insert("file".into(), Value::Object(file.options.clone()));
                 options.extend(strong.clone());
+                options.insert("file".into(), Value::Object(file.options.clone()));
                 // A backing file other than the one it was opened with, or none where one
                 // was named, is part of what the node is.
                 let backing = if *backed {
@@ -197,8 +198,9 @@ fn bucket(key: &str) -> u32 {
     1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
 }
 
-/// `options` as QEMU prints a dictionary: keys in bucket order (keys sharing a bucket in the
-/// order given), `", "` and `": "` between items, non-ASCII characters as `\uXXXX`.
+/// `options` as QEMU prints a dictionary: keys in bucket order (keys sharing a bucket newest
+/// first: the last one inserted comes first), `", "` and `": "` between items, non-ASCII
+/// characters as `\uXXXX`.
 pub fn options_json(options: &Map<String, Value>) -> String {
     let mut out = String::new();
     write_object(&mut out, options);
@@ -206,8 +208,9 @@ pub fn options_json(options: &Map<String, Value>) -> String {
 }
 
 fn write_object(out: &mut String, m: &Map<String, Value>) {
-    let mut keys: Vec<&String> = m.keys().collect();
-    keys.sort_by_key(|k| bucket(k));
+    let mut keys: Vec<(usize, &String)> = m.keys().enumerate().collect();
+    keys.sort_by_key(|&(i, k)| (bucket(k), std::cmp::Reverse(i)));
+    let keys: Vec<&String> = keys.into_iter().map(|(_, k)| k).collect();
     out.push('{');
     for (i, k) in keys.iter().enumerate() {
         if i > 0 {
@@ -277,14 +280,15 @@ mod tests {
     fn keys_come_out_in_qemus_order() {
         // Recorded on qemu-storage-daemon 10.0.2.
         let file = map(json!({"driver": "file", "filename": "./a.raw"}));
+        // Inserted as QEMU inserts them: the driver, the rules as it keeps them, the child.
         let rules = map(json!({
             "driver": "blkdebug",
-            "image": file,
-            "inject-error.0.event": "write_aio",
-            "inject-error.0.iotype": "write",
-            "inject-error.0.errno": 5,
-            "inject-error.0.sector": 8,
             "inject-error.0.once": true,
+            "inject-error.0.sector": 8,
+            "inject-error.0.errno": 5,
+            "inject-error.0.iotype": "write",
+            "inject-error.0.event": "write_aio",
+            "image": file,
         }));
         assert_eq!(
             options_json(&rules),
@@ -292,8 +296,8 @@ mod tests {
         );
         let raw = map(json!({
             "driver": "raw",
-            "file": {"driver": "file", "filename": "d é/b.raw"},
             "offset": 0,
+            "file": {"driver": "file", "filename": "d é/b.raw"},
         }));
         assert_eq!(
             options_json(&raw),

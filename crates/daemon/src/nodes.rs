@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
 use block::{Parent, PermPolicy};
-use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError, IoType};
+use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError, IoType, SetState};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
@@ -687,10 +687,12 @@ impl Nodes {
         // dictionary lists keys that share a bucket newest first, and the options of a child
         // given inline pass through one copy more than a top node's: their ties come out the
         // other way round (recorded on qsd: `errno` before `event` inline, after it on top).
+        // A top node's rules reach the name newest first, an inline node's in schema order.
         let mut flat = Vec::new();
         for (i, rule) in opts.inject_error.iter().flatten().enumerate() {
             let fields = [
                 ("event", Some(json!(rule.event))),
+                ("state", rule.state.map(|v| json!(v))),
                 ("iotype", rule.iotype.as_ref().map(|v| json!(v))),
                 ("errno", rule.errno.map(|v| json!(v))),
                 ("sector", rule.sector.map(|v| json!(v))),
@@ -703,16 +705,33 @@ impl Nodes {
                 }
             }
         }
-        if !top {
+        for (i, rule) in opts.set_state.iter().flatten().enumerate() {
+            flat.push((format!("set-state.{i}.event"), json!(rule.event)));
+            if let Some(s) = rule.state {
+                flat.push((format!("set-state.{i}.state"), json!(s)));
+            }
+            flat.push((format!("set-state.{i}.new_state"), json!(rule.new_state)));
+        }
+        let states = opts
+            .set_state
+            .iter()
+            .flatten()
+            .map(|r| SetState {
+                event: DebugEvent::from_name(&r.event),
+                state: r.state.and_then(|s| u32::try_from(s).ok()),
+                new_state: u32::try_from(r.new_state).unwrap_or(0),
+            })
+            .collect();
+        if top {
             flat.reverse();
         }
         let flat: Map<String, Value> = flat.into_iter().collect();
         Ok(Opened {
-            driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only)),
+            driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only).with_states(states)),
             read_only: own.read_only,
             recipe: NameRecipe::Blkdebug {
                 rules: flat,
-                has_rules: opts.inject_error.is_some(),
+                has_rules: opts.inject_error.is_some() || opts.set_state.is_some(),
             },
             host_file,
             node: None,
@@ -1066,6 +1085,7 @@ fn inject_rule(m: &InjectRule) -> InjectError {
             .unwrap_or(libc::EIO),
         sector: m.sector.and_then(|s| u64::try_from(s).ok()),
         once: m.once.unwrap_or(false),
+        state: m.state.and_then(|s| u32::try_from(s).ok()),
         iotypes: match m.iotype.as_deref() {
             Some("read") => IoType::Read.mask(),
             Some("write") => IoType::Write.mask(),

@@ -1885,6 +1885,7 @@ fn run_blkdebug_events(program: &Path) -> Vec<String> {
         let name = format!("t{i}.qcow2");
         common::qemu_img(&["create", "-f", "qcow2", &name, "4M"], dir.path());
     }
+    common::qemu_img(&["create", "-f", "raw", "sm.raw", "4M"], dir.path());
     let d = Daemon::start(program, &[], dir);
     let mut c = d.client();
     let mut out = Vec::new();
@@ -1904,6 +1905,26 @@ fn run_blkdebug_events(program: &Path) -> Vec<String> {
         let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
         out.push(format!("  {}", canon(&done["data"])));
     }
+    // A state machine: the third write of the target's raw node fails, named by its options.
+    let machine = json!({"driver": "raw", "node-name": "sm", "file": {"driver": "blkdebug",
+        "inject-error": [{"event": "write_aio", "errno": 5, "state": 3}],
+        "set-state": [{"event": "write_aio", "state": 1, "new_state": 2},
+                      {"event": "write_aio", "state": 2, "new_state": 3}],
+        "image": {"driver": "file", "filename": "sm.raw"}}});
+    out.push(canon(&c.cmd("blockdev-add", machine)));
+    let nodes = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    let names = nodes["return"].as_array().into_iter().flatten();
+    out.extend(
+        names
+            .filter(|n| n["node-name"] == "sm")
+            .map(|n| n["file"].to_string()),
+    );
+    let backup = json!({"job-id": "sm", "device": "s", "target": "sm", "sync": "full",
+                        "x-perf": {"max-workers": 1}});
+    out.push(canon(&c.cmd("blockdev-backup", backup)));
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+    out.push(format!("  {}", canon(&done["data"])));
     out
 }
 

@@ -11,6 +11,10 @@
 //! start of that sector, and one with an `iotype` only that kind of request. So a blkdebug
 //! node with nothing above it injects nothing.
 //! `immediately` is accepted: errors are always returned at once.
+//!
+//! The node has a state, 1 at first. A rule with a `state` only applies in that state, and
+//! `set-state` rules move the node to `new_state` when their event fires (in their `state`,
+//! if they name one), after the event's `inject-error` rules were looked at, as in QEMU.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -35,6 +39,23 @@ pub struct InjectError {
     pub once: bool,
     /// The kinds of request it fails ([`IoType::mask`]s; [`IoType::DEFAULT`] unless given).
     pub iotypes: u8,
+    /// Only in this state (`None` or 0: any).
+    pub state: Option<u32>,
+}
+
+/// One `set-state` rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetState {
+    /// The event that triggers the rule.
+    pub event: DebugEvent,
+    /// Only in this state (`None` or 0: any).
+    pub state: Option<u32>,
+    /// The state the node moves to.
+    pub new_state: u32,
+}
+
+fn in_state(want: Option<u32>, state: u32) -> bool {
+    want.is_none_or(|w| w == 0 || w == state)
 }
 
 /// A kind of request, for a rule's `iotype`.
@@ -70,6 +91,10 @@ struct Rules {
     all: Vec<InjectError>,
     /// Indices into `all` of the active rules, in the order given: the first match fires.
     active: Vec<usize>,
+    /// `set-state` rules.
+    states: Vec<SetState>,
+    /// The node's state.
+    state: u32,
 }
 
 /// The blkdebug filter.
@@ -88,9 +113,20 @@ impl BlkdebugDriver {
             rules: Mutex::new(Rules {
                 all: rules,
                 active: Vec::new(),
+                states: Vec::new(),
+                state: 1,
             }),
             writable,
         }
+    }
+
+    /// The same node with `set-state` rules.
+    pub fn with_states(self, states: Vec<SetState>) -> Self {
+        {
+            let mut rules = self.rules();
+            rules.states = states;
+        }
+        self
     }
 
     fn rules(&self) -> std::sync::MutexGuard<'_, Rules> {
@@ -153,11 +189,22 @@ impl BlockDriver for BlkdebugDriver {
     }
     fn debug_event(&self, event: DebugEvent) {
         let mut rules = self.rules();
+        let state = rules.state;
         let fired: Vec<usize> = (0..rules.all.len())
-            .filter(|&i| rules.all[i].event == event)
+            .filter(|&i| rules.all[i].event == event && in_state(rules.all[i].state, state))
             .collect();
         if !fired.is_empty() {
             rules.active = fired;
+        }
+        // Transitions look at the state the event found, not at each other's; QEMU keeps
+        // its rules newest first and the last one it looks at wins: the first one given.
+        let next = rules
+            .states
+            .iter()
+            .find(|s| s.event == event && in_state(s.state, state))
+            .map(|s| s.new_state);
+        if let Some(next) = next {
+            rules.state = next;
         }
     }
     async fn read(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
@@ -216,6 +263,7 @@ mod tests {
                 sector: Some(8),
                 once: true,
                 iotypes: IoType::DEFAULT,
+                state: None,
             },
             InjectError {
                 event: DebugEvent::WriteAio,
@@ -223,6 +271,7 @@ mod tests {
                 sector: None,
                 once: false,
                 iotypes: IoType::DEFAULT,
+                state: None,
             },
         ]);
         // A format above announces its requests through its edge.
@@ -267,6 +316,7 @@ mod tests {
             sector: None,
             once: false,
             iotypes: IoType::Read.mask(),
+            state: None,
         }]);
         Child::new(ChildRole::File, bd.clone()).debug_event(DebugEvent::ReadAio);
         assert!(bd.read(0, 512).await.is_err());
@@ -274,5 +324,33 @@ mod tests {
             .await
             .expect("only reads fail");
         bd.flush().await.expect("only reads fail");
+    }
+
+    #[tokio::test]
+    async fn states_gate_rules_and_move_on_events() {
+        let mem = BlockNode::new("mem", Arc::new(MemDriver::new(vec![0u8; 1 << 16])));
+        let image = Child::new(ChildRole::Filtered, mem);
+        let rule = InjectError {
+            event: DebugEvent::WriteAio,
+            errno: libc::EIO,
+            sector: None,
+            once: false,
+            iotypes: IoType::DEFAULT,
+            state: Some(2),
+        };
+        let driver = BlkdebugDriver::new(image, vec![rule], true).with_states(vec![SetState {
+            event: DebugEvent::WriteAio,
+            state: Some(1),
+            new_state: 2,
+        }]);
+        let bd = BlockNode::new("bd", Arc::new(driver));
+        let above = Child::new(ChildRole::File, bd.clone());
+        let write = || bd.write(0, IoVec::from(vec![1u8; 512]), WriteFlags::default());
+        // State 1: the rule does not apply; the event moves the node to state 2.
+        above.debug_event(DebugEvent::WriteAio);
+        write().await.expect("state 1");
+        // State 2: the next write event activates the rule.
+        above.debug_event(DebugEvent::WriteAio);
+        assert!(write().await.is_err());
     }
 }

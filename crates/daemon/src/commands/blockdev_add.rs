@@ -45,8 +45,20 @@ pub struct InjectRule {
     /// The one kind of request the rule fails (default: all but block-status).
     pub iotype: Option<String>,
     /// Accepted, as QEMU's.
-    #[allow(dead_code)]
     pub immediately: Option<bool>,
+    /// Only in this state of the node.
+    pub state: Option<i64>,
+}
+
+/// One `set-state` rule of blkdebug.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SetStateRule {
+    /// The event that triggers it.
+    pub event: String,
+    /// Only in this state.
+    pub state: Option<i64>,
+    /// The state it moves the node to.
+    pub new_state: i64,
 }
 
 /// The `server` of the nbd driver.
@@ -120,6 +132,8 @@ pub struct BlockdevOptions {
     pub image: Option<BlockdevRef>,
     /// blkdebug: the rules.
     pub inject_error: Option<Vec<InjectRule>>,
+    /// blkdebug: the state transitions.
+    pub set_state: Option<Vec<SetStateRule>>,
     /// nbd: where the server is.
     pub server: Option<NbdServer>,
     /// nbd: the export name.
@@ -242,6 +256,7 @@ pub(crate) fn schema(s: &mut Schema) {
             "BlkdebugInjectErrorOptions",
             &[
                 "event:BlkdebugEvent",
+                "*state:int",
                 "*errno:int",
                 "*sector:int",
                 "*iotype:BlkdebugIOType",
@@ -254,7 +269,12 @@ pub(crate) fn schema(s: &mut Schema) {
             &[
                 "image:BlockdevRef",
                 "*inject-error:[BlkdebugInjectErrorOptions]",
+                "*set-state:[BlkdebugSetStateOptions]",
             ],
+        )
+        .object(
+            "BlkdebugSetStateOptions",
+            &["event:BlkdebugEvent", "*state:int", "new_state:int"],
         )
         .enumeration("OnCbwError", &["break-guest-write", "break-snapshot"])
         .object("BlockDirtyBitmapRef", &["node:str", "name:str"])
