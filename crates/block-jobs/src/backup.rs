@@ -387,6 +387,18 @@ struct InFlight {
 
 type TaskResult = Result<Result<u64, block_copy::CopyError>, tokio::task::JoinError>;
 
+/// How far a copy call goes on after a failure or a cancel (see [`Backup::copy_window`]).
+struct Window {
+    /// Until this many tasks have started.
+    until: u64,
+    /// The job's speed limit (throttled calls launch nothing more).
+    speed: u64,
+    /// Tasks that read, in flight at once.
+    workers: usize,
+    /// The most one task takes (0: a chunk).
+    limit: u64,
+}
+
 impl InFlight {
     /// Whether another task may start: throttled, `workers` tasks of any kind; unthrottled,
     /// `workers` that read and `max_workers` in all.
@@ -737,8 +749,8 @@ impl Backup {
             let workers = pace.workers(speed, chunk, max_workers);
             ctx.pause_point().await;
             if ctx.is_cancelled() && !retrying {
-                // As QEMU's cancelled block-copy call: the chunks in flight finish first.
-                while set.join_next().await.is_some() {}
+                self.cancelled_call(bcs, &mut set, speed, workers, limit)
+                    .await;
                 return Ok(());
             }
             if let Some(e) = bcs.take_error() {
@@ -751,7 +763,8 @@ impl Backup {
                 self.spec.target.undrained().await;
                 ctx.rate_wait().await;
                 if ctx.is_cancelled() && !retrying {
-                    while set.join_next().await.is_some() {}
+                    self.cancelled_call(bcs, &mut set, speed, workers, limit)
+                        .await;
                     return Ok(());
                 }
                 match bcs.copy_next_run(cursor, limit).await {
@@ -779,30 +792,13 @@ impl Backup {
                     // flight where we keep fewer (memory): the tasks it would have started
                     // by then are copied too, so the progress the error reports is QEMU's
                     // (all but the failed chunk of a disk of up to `max-workers` chunks).
-                    let window = match speed {
-                        0 => seq + self.spec.max_workers.max(1) as u64 - 1,
-                        _ => 0,
+                    let window = Window {
+                        until: seq + self.spec.max_workers.max(1) as u64 - 1,
+                        speed,
+                        workers,
+                        limit,
                     };
-                    // From where the last task started ends, forward only: the failed range
-                    // (dirty again) is the next call's.
-                    let mut at = set.last_end;
-                    while set.started < window && !ctx.is_cancelled() {
-                        if !set.has_room(speed, workers, self.spec.max_workers) {
-                            if let Some(Ok((Ok(Ok(bytes)), took, _))) = set.join_next().await {
-                                pace.record(took, bytes, std::time::Instant::now(), max_workers);
-                            }
-                            continue;
-                        }
-                        let Some((_, end, task, zero)) = bcs.copy_next_run(at, limit).await else {
-                            break;
-                        };
-                        if end <= at {
-                            break;
-                        }
-                        at = end;
-                        set.spawn(task, end, zero);
-                    }
-                    cursor = at;
+                    cursor = self.copy_window(bcs, &mut set, &window, Some(ctx)).await;
                     while let Some(r) = set.join_next().await {
                         if let Ok((Ok(Ok(bytes)), took, _)) = r {
                             pace.record(took, bytes, std::time::Instant::now(), max_workers);
@@ -830,6 +826,61 @@ impl Backup {
                 }
             }
         }
+    }
+
+    /// Copies forward from where the last task started ends until `window.until` tasks have
+    /// started (the tasks QEMU would have launched; unthrottled only), stopping early at a
+    /// cancel when `ctx` is given. Returns where it stopped. Forward only: a failed range,
+    /// dirty again, is the next call's.
+    async fn copy_window(
+        &self,
+        bcs: &Arc<BlockCopy>,
+        set: &mut InFlight,
+        window: &Window,
+        ctx: Option<&JobContext>,
+    ) -> u64 {
+        let mut at = set.last_end;
+        if window.speed != 0 {
+            return at;
+        }
+        while set.started < window.until && !ctx.is_some_and(|c| c.is_cancelled()) {
+            if !set.has_room(window.speed, window.workers, self.spec.max_workers) {
+                set.join_next().await;
+                continue;
+            }
+            let Some((_, end, task, zero)) = bcs.copy_next_run(at, window.limit).await else {
+                break;
+            };
+            if end <= at {
+                break;
+            }
+            at = end;
+            set.spawn(task, end, zero);
+        }
+        at
+    }
+
+    /// A cancelled copy call, as QEMU's: no new chunks, and the chunks it had launched finish
+    /// and count. Unthrottled, QEMU has launched `max-workers` beyond those done, where we
+    /// keep fewer in flight: those are copied too, so a cancel on a slow target reports QEMU's
+    /// progress (all of a disk of up to `max-workers` chunks).
+    async fn cancelled_call(
+        &self,
+        bcs: &Arc<BlockCopy>,
+        set: &mut InFlight,
+        speed: u64,
+        workers: usize,
+        limit: u64,
+    ) {
+        let done = set.started - set.set.len() as u64;
+        let window = Window {
+            until: done + self.spec.max_workers.max(1) as u64,
+            speed,
+            workers,
+            limit,
+        };
+        self.copy_window(bcs, set, &window, None).await;
+        while set.join_next().await.is_some() {}
     }
 
     /// The bitmap's outcome (QEMU's successor handling); `ok`: the job succeeded.

@@ -2061,6 +2061,43 @@ fn a_throttled_target_slows_the_backup_as_in_qemu_storage_daemon() {
     common::assert_same_as_qsd(run_throttled_target);
 }
 
+/// A cancel on a slow target: QEMU's copy call had launched every chunk of a 16 MiB disk, and
+/// they all finish before the job ends, so the cancel reports the whole disk done. Ours keeps
+/// fewer in flight and copies the rest of QEMU's launched chunks before it ends.
+fn run_cancel_on_a_slow_target(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::qemu_img(&["create", "-f", "raw", "s.raw", "16M"], dir.path());
+    common::qemu_img(&["create", "-f", "raw", "t.raw", "16M"], dir.path());
+    qemu_io(
+        &["-f", "raw", "-c", "write -P 7 0 16M", "s.raw"],
+        dir.path(),
+    );
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let file = |f: &str| json!({"driver": "file", "filename": f});
+    let group = json!({"qom-type": "throttle-group", "id": "tg",
+                       "limits": {"bps-write": 8 << 20}});
+    let mut out = vec![canon(&c.cmd("object-add", group))];
+    let src = json!({"driver": "raw", "node-name": "s", "file": file("s.raw")});
+    out.push(canon(&c.cmd("blockdev-add", src)));
+    let thr = json!({"driver": "throttle", "node-name": "thr", "throttle-group": "tg",
+                     "file": {"driver": "raw", "file": file("t.raw")}});
+    out.push(canon(&c.cmd("blockdev-add", thr)));
+    let backup = json!({"job-id": "j", "device": "s", "target": "thr", "sync": "full"});
+    out.push(canon(&c.cmd("blockdev-backup", backup)));
+    std::thread::sleep(Duration::from_millis(300));
+    out.push(canon(&c.cmd("block-job-cancel", json!({"device": "j"}))));
+    let mut seen = Vec::new();
+    let done = wait_event(&mut c, "BLOCK_JOB_CANCELLED", &mut seen);
+    out.push(format!("cancelled {}", canon(&done["data"])));
+    out
+}
+
+#[test]
+fn a_cancel_on_a_slow_target_lets_qemus_launched_chunks_finish() {
+    common::assert_same_as_qsd(run_cancel_on_a_slow_target);
+}
+
 /// A target write fails in one of the 1 MiB chunks of a `mib` MiB disk (at `sector`): QEMU
 /// starts up to 64 chunks at once, and those finish before the job acts on the error, so a
 /// failure in the second of four reports 3 MiB done, and one in a 16 MiB disk 15 MiB. With
