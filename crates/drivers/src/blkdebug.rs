@@ -1,10 +1,12 @@
 //! The `blkdebug` filter: passes I/O to its `image` child and fails the requests its rules
 //! match, for rehearsing error handling (jobs' `on-error`, exports' errnos).
 //!
-//! As in QEMU, a rule names an event, `read_aio` or `write_aio`, that a format driver above
-//! announces before it reads or writes guest data through this node (raw and qcow2 do;
-//! filters pass the announcement down; a job, an export or a filter sending its own I/O does
-//! not). The event makes its rules active, replacing the rules an earlier event made active;
+//! As in QEMU, a rule names an event ([`DebugEvent`]): `read_aio` and `write_aio`, which a
+//! format driver above announces before it reads or writes guest data through this node (raw
+//! and qcow2 do; filters pass the announcement down; a job, an export or a filter sending its
+//! own I/O does not), qcow2's metadata events, a flushed format's `flush_to_*`, or the
+//! `pwritev*` events this node announces to itself for the writes that reach it. The event
+//! makes its rules active, replacing the rules an earlier event made active;
 //! an active rule then fails every read, write, write-zeroes, discard and flush that reaches
 //! this node, whoever sends it, until a later event with rules replaces it, or, with `once`,
 //! after it fired. A rule with a `sector` (512-byte unit) only fails requests that contain the

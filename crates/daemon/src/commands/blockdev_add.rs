@@ -34,7 +34,7 @@ pub struct CacheOptions {
 /// One `inject-error` rule of blkdebug.
 #[derive(Clone, Debug, Deserialize)]
 pub struct InjectRule {
-    /// `read_aio` or `write_aio`.
+    /// One of QEMU's event names ([`block::DebugEvent::NAMES`]).
     pub event: String,
     /// The errno (default EIO).
     pub errno: Option<i64>,
@@ -126,7 +126,6 @@ pub struct BlockdevOptions {
     /// null-co: nanoseconds each request takes.
     pub latency_ns: Option<u64>,
     /// null-co: reads return zeroes.
-    #[allow(dead_code)]
     pub read_zeroes: Option<bool>,
     /// blkdebug: the image.
     pub image: Option<BlockdevRef>,
