@@ -36,9 +36,11 @@ impl NbdDriver {
             .await
             .map_err(|e| BlockError::new(ErrorKind::Io, e.message))?;
         if !read_only && !client.writable() {
-            return Err(BlockError::read_only(format!(
-                "the NBD export '{export}' is read-only; open it with read-only=on"
-            )));
+            // QEMU's text: its NBD driver reports the refusal without a message while the
+            // node has no file name yet, so the generic open error is what the user sees.
+            return Err(BlockError::read_only(
+                "Could not open image: Permission denied",
+            ));
         }
         Ok(Self {
             client,
