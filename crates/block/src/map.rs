@@ -103,6 +103,17 @@ pub async fn extent_at(top: &Arc<BlockNode>, offset: u64, len: u64) -> Result<Ma
     }
 }
 
+/// Whether a range `node` leaves unallocated (neither data nor zero) reads as zeroes: QEMU's
+/// rule, for a format that could have a backing file and has none. Filters answer for their
+/// child. An NBD hole without the zero flag, or a raw node's over one, is not known to be zero.
+pub fn unallocated_reads_zero(node: &Arc<BlockNode>) -> bool {
+    let mut node = node.clone();
+    while let Some(below) = node.child(ChildRole::Filtered) {
+        node = below.node();
+    }
+    node.driver.supports_backing() && node.child(ChildRole::Backing).is_none()
+}
+
 /// The `file` child that holds `node`'s data, looking through filters (whose block status is
 /// their child's, host offsets included).
 fn storage_file(node: &Arc<BlockNode>) -> Option<Arc<crate::node::Child>> {

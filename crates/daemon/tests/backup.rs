@@ -1743,6 +1743,111 @@ fn a_snapshot_of_a_backed_disk_maps_as_in_qemu_storage_daemon() {
     common::assert_same_as_qsd(run_snapshot_maps);
 }
 
+/// An NBD server whose holes are not known to read as zeroes (nbdkit's sh plugin: 1 MiB of
+/// data, then 3 MiB of holes without the zero flag).
+fn holey_nbd_server(dir: &Path) -> (common::KillOnDrop, std::path::PathBuf) {
+    let script = dir.join("holes.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         case \"$1\" in\n\
+         get_size) echo 4194304 ;;\n\
+         can_extents) exit 0 ;;\n\
+         pread) if [ \"$4\" -lt 1048576 ]; then head -c \"$3\" /dev/zero | tr '\\0' A; \
+         else head -c \"$3\" /dev/zero; fi ;;\n\
+         extents) echo 0 1048576 0; echo 1048576 3145728 hole ;;\n\
+         *) exit 2 ;;\n\
+         esac\n",
+    )
+    .expect("script");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sock = dir.join("holes.sock");
+    let child = Command::new("nbdkit")
+        .args(["--exit-with-parent", "-f", "-U"])
+        .arg(&sock)
+        .arg("sh")
+        .arg(&script)
+        .spawn()
+        .expect("nbdkit (apt-get install -y nbdkit)");
+    let guard = common::KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "nbdkit did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (guard, sock)
+}
+
+/// A disk on an NBD server whose holes are not known to be zero: a writable open of a
+/// read-only export is refused with QEMU's message; the snapshot, the disk's own export and
+/// what a backup (full: read and written as data; top: skipped) leaves in its target keep
+/// the holes as holes, as in QEMU (only a format that could have a backing file, and has
+/// none, reads its unallocated ranges as zeroes).
+fn run_nbd_source_holes(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path();
+    let (_server, _) = holey_nbd_server(p);
+    for name in ["t1.qcow2", "t2.qcow2", "t3.qcow2"] {
+        common::qemu_img(&["create", "-f", "qcow2", name, "4M"], p);
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    // Relative to the daemon's directory, so both transcripts name the same path.
+    let server = json!({"type": "unix", "path": "holes.sock"});
+    let nbd = json!({"driver": "nbd", "node-name": "rw", "server": server.clone()});
+    step(&mut c, o, "blockdev-add", nbd, None);
+    let src = json!({"driver": "raw", "node-name": "src", "read-only": true,
+                     "file": {"driver": "nbd", "node-name": "n", "read-only": true,
+                              "server": server}});
+    step(&mut c, o, "blockdev-add", src, None);
+    for (node, file) in [("t1", "t1.qcow2"), ("t2", "t2.qcow2"), ("t3", "t3.qcow2")] {
+        step(&mut c, o, "blockdev-add", qcow2(node, file), None);
+    }
+    let cbw = json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src",
+                     "target": "t1"});
+    step(&mut c, o, "blockdev-add", cbw, None);
+    let acc = json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"});
+    step(&mut c, o, "blockdev-add", acc, None);
+    let addr = json!({"addr": {"type": "unix", "data": {"path": "nbd.sock"}}});
+    step(&mut c, o, "nbd-server-start", addr, None);
+    for node in ["acc", "src"] {
+        let export = json!({"type": "nbd", "id": node, "node-name": node,
+                            "allocation-depth": true});
+        step(&mut c, o, "block-export-add", export, None);
+    }
+    let sock = d.path("nbd.sock");
+    for export in ["acc", "src"] {
+        for context in ["base:allocation", "qemu:allocation-depth"] {
+            let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
+            o.push(nbd_map(&uri, context));
+        }
+    }
+    for (job, target, sync) in [("full", "t2", "full"), ("top", "t3", "top")] {
+        let backup = json!({"job-id": job, "device": "src", "target": target, "sync": sync});
+        step(&mut c, o, "blockdev-backup", backup, Some(job));
+    }
+    for node in ["t2", "t3"] {
+        step(&mut c, o, "blockdev-del", json!({"node-name": node}), None);
+    }
+    for image in ["t2.qcow2", "t3.qcow2"] {
+        let map = Command::new("qemu-img")
+            .args(["map", "--output=json", image])
+            .current_dir(d.dir.path())
+            .output()
+            .expect("qemu-img map");
+        o.push(format!("{image}: {}", String::from_utf8_lossy(&map.stdout)));
+    }
+    out
+}
+
+#[test]
+fn holes_of_an_nbd_source_stay_holes_as_in_qemu_storage_daemon() {
+    common::assert_same_as_qsd(run_nbd_source_holes);
+}
+
 /// An export added on a backup's filter node while the job runs moves down to the source
 /// with the others when the job ends, as QEMU's filter removal moves every parent but the
 /// job's own.

@@ -449,7 +449,7 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("qemu-nbd");
-        KillOnDrop(child)
+        common::KillOnDrop(child)
     };
     let sock = dir.path().join("q.sock").display().to_string();
     let _unix = serve(&["-k", &sock], "n1.raw");
@@ -544,15 +544,6 @@ fn node_infos(program: &std::path::Path) -> Vec<String> {
 }
 
 /// A helper process, stopped when the test ends or fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn filter_null_and_nbd_nodes_describe_themselves_as_in_qemu_storage_daemon() {
     let theirs = node_infos(&qsd());

@@ -103,8 +103,14 @@ impl BlockDriver for RawDriver {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        // The file answers for this node, as QEMU's raw format hands block status down: what
+        // the file holds as data or zeroes is allocated; an NBD hole without the zero flag is
+        // not, and is not known to read as zeroes.
         let mut st = self.file.block_status(self.offset + offset, len).await?;
-        st.allocated = true;
+        if !st.data && !st.zero && block::map::unallocated_reads_zero(&self.file.node()) {
+            st.zero = true;
+        }
+        st.allocated = st.data || st.zero;
         st.host_offset = Some(self.offset + offset);
         Ok(st)
     }

@@ -413,10 +413,9 @@ impl CopyBeforeWrite {
         }
         let mut st = self.file.block_status(s, e - s).await?;
         st.host_offset = None;
-        // What a source without a backing file does not allocate reads as zeroes (QEMU's
-        // block layer says so for any format that could have a backing file).
-        let node = self.file.node();
-        if !st.allocated && !st.data && node.child(ChildRole::Backing).is_none() {
+        // What a format with no backing file does not allocate reads as zeroes; an NBD hole
+        // without the zero flag does not (`block::map::unallocated_reads_zero`).
+        if !st.allocated && !st.data && block::map::unallocated_reads_zero(&self.file.node()) {
             st.zero = true;
         }
         Ok(st)

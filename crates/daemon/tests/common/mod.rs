@@ -279,3 +279,13 @@ pub fn assert_same_transcript(ours: &[String], theirs: &[String]) {
         ours.join("\n")
     );
 }
+
+/// A helper process (an NBD server) killed and reaped when the test lets go of it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
