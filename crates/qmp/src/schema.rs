@@ -25,6 +25,7 @@ enum Builtin {
     Int,
     Uint,
     Uint32,
+    Int32,
     Size,
     Number,
     Bool,
@@ -39,6 +40,7 @@ impl Builtin {
             "int" | "int64" => Builtin::Int,
             "uint64" => Builtin::Uint,
             "uint32" => Builtin::Uint32,
+            "int32" => Builtin::Int32,
             "size" => Builtin::Size,
             "number" => Builtin::Number,
             "bool" => Builtin::Bool,
@@ -52,7 +54,9 @@ impl Builtin {
     fn public_name(self) -> &'static str {
         match self {
             Builtin::Str => "str",
-            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "int",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Int32 | Builtin::Size => {
+                "int"
+            }
             Builtin::Number => "number",
             Builtin::Bool => "bool",
             Builtin::Null => "null",
@@ -63,7 +67,9 @@ impl Builtin {
     fn json_type(self) -> &'static str {
         match self {
             Builtin::Str => "string",
-            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "int",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Int32 | Builtin::Size => {
+                "int"
+            }
             Builtin::Number => "number",
             Builtin::Bool => "boolean",
             Builtin::Null => "null",
@@ -75,7 +81,9 @@ impl Builtin {
     fn expected(self) -> &'static str {
         match self {
             Builtin::Str => "string",
-            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Size => "integer",
+            Builtin::Int | Builtin::Uint | Builtin::Uint32 | Builtin::Int32 | Builtin::Size => {
+                "integer"
+            }
             Builtin::Number => "number",
             Builtin::Bool => "boolean",
             Builtin::Null => "null",
@@ -484,7 +492,14 @@ impl Schema {
                 Value::Bool(_) => kind == Some(Builtin::Bool),
                 Value::Number(_) => matches!(
                     kind,
-                    Some(Builtin::Int | Builtin::Uint | Builtin::Size | Builtin::Number)
+                    Some(
+                        Builtin::Int
+                            | Builtin::Uint
+                            | Builtin::Uint32
+                            | Builtin::Int32
+                            | Builtin::Size
+                            | Builtin::Number
+                    )
                 ),
                 Value::Array(_) => b.starts_with('['),
             }
@@ -716,6 +731,18 @@ fn check_builtin(b: Builtin, value: &mut Value, path: &Path, keyval: bool) -> Qm
                 false
             }
         }
+        (Builtin::Int32, Value::Number(n)) => {
+            if n.as_i64().is_some_and(|v| i32::try_from(v).is_ok()) {
+                true
+            } else if n.is_i64() || n.is_u64() {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{}' expects int32_t",
+                    path.full()
+                )));
+            } else {
+                false
+            }
+        }
         (Builtin::Uint | Builtin::Size, Value::Number(n)) if n.is_i64() && !n.is_u64() => {
             return Err(QmpError::generic(format!(
                 "Parameter '{}' expects a non-negative number below 2^64",
@@ -749,6 +776,10 @@ fn convert_keyval(b: Builtin, s: &str, path: &Path) -> QmpResult<Option<Value>> 
                 .and_then(|v| u32::try_from(v).ok())
                 .or_else(|| s.trim().parse::<u32>().ok());
             Some(Value::from(v.ok_or_else(|| bad("uint32_t"))?))
+        }
+        Builtin::Int32 => {
+            let v = parse_int(s).and_then(|v| i32::try_from(v).ok());
+            Some(Value::from(v.ok_or_else(|| bad("int32_t"))?))
         }
         Builtin::Size => Some(Value::from(
             parse_size(s).ok_or_else(|| bad("a non-negative number below 2^64"))?,
