@@ -79,9 +79,9 @@ pub enum NameRecipe {
     Fixed(NodeFileName),
     /// blkdebug over its `image`, with its `inject-error` rules flattened as QEMU keeps them.
     Blkdebug {
-        /// `inject-error.N.*`; any makes the node a `json:` one.
+        /// Its limits (`align`, …) and flattened rules (`inject-error.N.*`, `set-state.N.*`).
         rules: Map<String, Value>,
-        /// `inject-error` was given.
+        /// Rules or limits were given: the node is a `json:` one.
         has_rules: bool,
     },
     /// A format node (raw, qcow2) over its `file`.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use block::{BlockDriver, BlockError, BlockNode, Child, ChildRole, EdgePerm, EdgeSpec};
 use block::{Parent, PermPolicy};
-use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError, IoType, SetState};
+use drivers::blkdebug::{BlkdebugDriver, DebugEvent, InjectError, IoType, Limits, SetState};
 use drivers::file::{FileDriver, FileOptions};
 use drivers::nbd::NbdDriver;
 use drivers::null::{NullDriver, DEFAULT_NULL_SIZE};
@@ -671,12 +671,37 @@ impl Nodes {
                 "Block protocol 'blkdebug' doesn't support the option 'inject-error'",
             ));
         }
+        // The limits, in schema order; QEMU refuses negative ones before opening anything.
+        let limits = [
+            ("align", opts.align),
+            ("max-transfer", opts.max_transfer.map(i64::from)),
+            ("opt-write-zero", opts.opt_write_zero.map(i64::from)),
+            ("max-write-zero", opts.max_write_zero.map(i64::from)),
+            ("opt-discard", opts.opt_discard.map(i64::from)),
+            ("max-discard", opts.max_discard.map(i64::from)),
+        ];
+        if let Some((name, Some(v))) = limits.iter().find(|(_, v)| v.is_some_and(|v| v < 0)) {
+            return Err(QmpError::generic(format!(
+                "Value '{v}' is out of range for parameter '{name}'"
+            )));
+        }
+        let value = |v: Option<i64>| v.map_or(0, |v| v as u64);
+        let node_limits = Limits {
+            align: value(opts.align),
+            max_transfer: value(opts.max_transfer.map(i64::from)),
+            opt_write_zero: value(opts.opt_write_zero.map(i64::from)),
+            max_write_zero: value(opts.max_write_zero.map(i64::from)),
+            opt_discard: value(opts.opt_discard.map(i64::from)),
+            max_discard: value(opts.max_discard.map(i64::from)),
+        };
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
         // A protocol driver in QEMU: named before it opens its image.
         self.take_position(parent, opening);
         let (image, host_file) = self
             .format_child(opts.image.as_ref(), "image", spec, own, opening)
             .await?;
+        let image_align = u64::from(image.node().facts().request_alignment);
+        node_limits.check(image_align).map_err(QmpError::generic)?;
         let rules = opts
             .inject_error
             .iter()
@@ -688,7 +713,10 @@ impl Nodes {
         // given inline pass through one copy more than a top node's: their ties come out the
         // other way round (recorded on qsd: `errno` before `event` inline, after it on top).
         // A top node's rules reach the name newest first, an inline node's in schema order.
-        let mut flat = Vec::new();
+        let mut flat: Vec<(String, Value)> = limits
+            .iter()
+            .filter_map(|(name, v)| v.map(|v| (name.to_string(), json!(v))))
+            .collect();
         for (i, rule) in opts.inject_error.iter().flatten().enumerate() {
             let fields = [
                 ("event", Some(json!(rule.event))),
@@ -727,11 +755,17 @@ impl Nodes {
         }
         let flat: Map<String, Value> = flat.into_iter().collect();
         Ok(Opened {
-            driver: Arc::new(BlkdebugDriver::new(image, rules, !own.read_only).with_states(states)),
+            driver: Arc::new(
+                BlkdebugDriver::new(image, rules, !own.read_only)
+                    .with_states(states)
+                    .with_limits(node_limits),
+            ),
             read_only: own.read_only,
             recipe: NameRecipe::Blkdebug {
                 rules: flat,
-                has_rules: opts.inject_error.is_some() || opts.set_state.is_some(),
+                has_rules: opts.inject_error.is_some()
+                    || opts.set_state.is_some()
+                    || limits.iter().any(|(_, v)| v.is_some()),
             },
             host_file,
             node: None,

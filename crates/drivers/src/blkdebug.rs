@@ -14,6 +14,13 @@
 //! node with nothing above it injects nothing.
 //! `immediately` is accepted: errors are always returned at once.
 //!
+//! Its limits (`align`, `max-transfer`, `opt-write-zero`, `max-write-zero`, `opt-discard`,
+//! `max-discard`; [`Limits`]) shape the requests that reach it, as in QEMU: reads and writes
+//! come aligned and split by the block layer; write-zeroes go down in pieces of at most
+//! `max-write-zero` bytes cut at `opt-write-zero` boundaries, and a piece shorter than that
+//! alignment is written as a buffer of zeroes instead (a write to the rules); discards go down
+//! in pieces of at most `max-discard` bytes cut at `opt-discard` boundaries.
+//!
 //! The node has a state, 1 at first. A rule with a `state` only applies in that state, and
 //! `set-state` rules move the node to `new_state` when their event fires (in their `state`,
 //! if they name one), after the event's `inject-error` rules were looked at, as in QEMU.
@@ -99,12 +106,89 @@ struct Rules {
     state: u32,
 }
 
+/// The request limits a blkdebug node imposes (0: the image's own), checked by whoever opens
+/// it with [`Limits::check`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Request alignment.
+    pub align: u64,
+    /// Largest read or write.
+    pub max_transfer: u64,
+    /// Write-zeroes alignment; shorter pieces become writes.
+    pub opt_write_zero: u64,
+    /// Largest write-zeroes.
+    pub max_write_zero: u64,
+    /// Discard alignment.
+    pub opt_discard: u64,
+    /// Largest discard.
+    pub max_discard: u64,
+}
+
+impl Limits {
+    /// QEMU's checks, in its order, against the image's request alignment: `Err` holds the
+    /// message.
+    pub fn check(&self, image_align: u64) -> std::result::Result<(), String> {
+        const INT_MAX: u64 = i32::MAX as u64;
+        if self.align != 0 && (self.align >= INT_MAX || !self.align.is_power_of_two()) {
+            return Err(format!("Cannot meet constraints with align {}", self.align));
+        }
+        let align = self.align.max(image_align).max(1);
+        let fits = |v: u64, to: u64| v == 0 || (v < INT_MAX && v % to.max(1) == 0);
+        let checks = [
+            ("max-transfer", self.max_transfer, align),
+            ("opt-write-zero", self.opt_write_zero, align),
+            (
+                "max-write-zero",
+                self.max_write_zero,
+                self.opt_write_zero.max(align),
+            ),
+            ("opt-discard", self.opt_discard, align),
+            ("max-discard", self.max_discard, self.opt_discard.max(align)),
+        ];
+        for (name, value, to) in checks {
+            if !fits(value, to) {
+                return Err(format!("Cannot meet constraints with {name} {value}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[offset, offset+len)` cut at multiples of `align` and into pieces of at most `max` bytes
+/// (0: no limit), as QEMU's block layer cuts write-zeroes and discards: an unaligned head up
+/// to the first boundary, aligned pieces, an unaligned tail.
+fn pieces(offset: u64, len: u64, align: u64, max: u64) -> Vec<(u64, u64)> {
+    let align = align.max(1);
+    let max = if max == 0 { u64::MAX } else { max };
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let next_boundary = (at / align + 1) * align;
+        let n = if at % align != 0 {
+            next_boundary.min(end) - at
+        } else {
+            let aligned = (end - at) / align * align;
+            let capped = (max / align * align).max(align.min(max));
+            if aligned == 0 {
+                end - at
+            } else {
+                aligned.min(capped)
+            }
+        };
+        out.push((at, n));
+        at += n;
+    }
+    out
+}
+
 /// The blkdebug filter.
 #[derive(Debug)]
 pub struct BlkdebugDriver {
     image: Arc<Child>,
     rules: Mutex<Rules>,
     writable: bool,
+    limits: Limits,
 }
 
 impl BlkdebugDriver {
@@ -119,7 +203,35 @@ impl BlkdebugDriver {
                 state: 1,
             }),
             writable,
+            limits: Limits::default(),
         }
+    }
+
+    /// The same node with request limits (checked with [`Limits::check`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Write-zeroes in the pieces its limits cut; a piece below the write-zeroes alignment is
+    /// refused by QEMU's driver and written by its block layer as buffers of zeroes of at most
+    /// `max-transfer` bytes, each a write to the rules.
+    async fn write_zero_pieces(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let facts = self.facts();
+        let align = u64::from(facts.request_alignment).max(self.limits.opt_write_zero);
+        for (at, n) in pieces(offset, len, align, self.limits.max_write_zero) {
+            if n >= align {
+                self.check(IoType::WriteZeroes, at, n)?;
+                self.image.write_zeroes(at, n, flags).await?;
+                continue;
+            }
+            for (at, n) in pieces(at, n, 1, u64::from(facts.max_transfer)) {
+                self.check(IoType::Write, at, n)?;
+                let zeroes = IoVec::from(vec![0u8; n as usize]);
+                self.image.write(at, zeroes, WriteFlags::default()).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The same node with `set-state` rules.
@@ -178,9 +290,17 @@ impl BlockDriver for BlkdebugDriver {
     fn facts(&self) -> Facts {
         // A filter: writes past the end grow the image when its file does (qcow2 over
         // blkdebug over file allocates at the end of the file).
+        let image = self.image.node().facts();
+        let l = &self.limits;
         Facts {
             cluster_size: None,
-            ..self.image.node().facts()
+            request_alignment: image.request_alignment.max(l.align as u32),
+            max_transfer: if l.max_transfer == 0 {
+                image.max_transfer
+            } else {
+                l.max_transfer as u32
+            },
+            ..image
         }
     }
     fn children(&self) -> Vec<Arc<Child>> {
@@ -223,14 +343,22 @@ impl BlockDriver for BlkdebugDriver {
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.debug_event(DebugEvent::PwritevZero);
-        self.check(IoType::WriteZeroes, offset, len)?;
-        let r = self.image.write_zeroes(offset, len, flags).await;
+        let r = self.write_zero_pieces(offset, len, flags).await;
         self.debug_event(DebugEvent::PwritevDone);
         r
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(IoType::Discard, offset, len)?;
-        self.image.discard(offset, len).await
+        let l = self.limits;
+        let align = u64::from(self.facts().request_alignment);
+        for (at, n) in pieces(offset, len, l.opt_discard, l.max_discard) {
+            // Pieces shorter than the request alignment are dropped, as QEMU's driver does.
+            if n < align {
+                continue;
+            }
+            self.check(IoType::Discard, at, n)?;
+            self.image.discard(at, n).await?;
+        }
+        Ok(())
     }
     async fn flush(&self) -> Result<()> {
         self.check(IoType::Flush, 0, 0)?;
@@ -254,6 +382,54 @@ mod tests {
         let mem = BlockNode::new("mem", Arc::new(MemDriver::new(vec![0u8; 1 << 16])));
         let image = Child::new(ChildRole::Filtered, mem);
         BlockNode::new("bd", Arc::new(BlkdebugDriver::new(image, rules, true)))
+    }
+
+    #[test]
+    fn limits_are_checked_in_qemus_order_against_the_image_alignment() {
+        let l = |align, max_transfer, opt_write_zero, max_write_zero| Limits {
+            align,
+            max_transfer,
+            opt_write_zero,
+            max_write_zero,
+            ..Limits::default()
+        };
+        assert_eq!(l(0, 0, 0, 0).check(1), Ok(()));
+        let e = |s: &str| Err(s.to_string());
+        assert_eq!(
+            l(3, 0, 0, 0).check(1),
+            e("Cannot meet constraints with align 3")
+        );
+        assert_eq!(
+            l(0, 1000, 0, 0).check(512),
+            e("Cannot meet constraints with max-transfer 1000")
+        );
+        assert_eq!(
+            l(4096, 65536, 512, 0).check(1),
+            e("Cannot meet constraints with opt-write-zero 512")
+        );
+        assert_eq!(
+            l(512, 0, 16384, 8192).check(1),
+            e("Cannot meet constraints with max-write-zero 8192")
+        );
+        let big = i32::MAX as u64;
+        assert_eq!(
+            l(0, big, 0, 0).check(1),
+            Err(format!("Cannot meet constraints with max-transfer {big}"))
+        );
+    }
+
+    #[test]
+    fn pieces_cut_a_head_aligned_middles_and_a_tail() {
+        assert_eq!(pieces(0, 10, 1, 0), vec![(0, 10)]);
+        assert_eq!(
+            pieces(65536, 6 * 65536, 131072, 0),
+            vec![(65536, 65536), (131072, 262144), (393216, 65536)]
+        );
+        assert_eq!(
+            pieces(0, 4096, 512, 1024),
+            vec![(0, 1024), (1024, 1024), (2048, 1024), (3072, 1024)]
+        );
+        assert_eq!(pieces(100, 50, 64, 0), vec![(100, 28), (128, 22)]);
     }
 
     #[tokio::test]

@@ -133,6 +133,18 @@ pub struct BlockdevOptions {
     pub inject_error: Option<Vec<InjectRule>>,
     /// blkdebug: the state transitions.
     pub set_state: Option<Vec<SetStateRule>>,
+    /// blkdebug: request alignment.
+    pub align: Option<i64>,
+    /// blkdebug: largest read or write.
+    pub max_transfer: Option<i32>,
+    /// blkdebug: write-zeroes alignment.
+    pub opt_write_zero: Option<i32>,
+    /// blkdebug: largest write-zeroes.
+    pub max_write_zero: Option<i32>,
+    /// blkdebug: discard alignment.
+    pub opt_discard: Option<i32>,
+    /// blkdebug: largest discard.
+    pub max_discard: Option<i32>,
     /// nbd: where the server is.
     pub server: Option<NbdServer>,
     /// nbd: the export name.
@@ -267,6 +279,12 @@ pub(crate) fn schema(s: &mut Schema) {
             "BlockdevOptionsBlkdebug",
             &[
                 "image:BlockdevRef",
+                "*align:int",
+                "*max-transfer:int32",
+                "*opt-write-zero:int32",
+                "*max-write-zero:int32",
+                "*opt-discard:int32",
+                "*max-discard:int32",
                 "*inject-error:[BlkdebugInjectErrorOptions]",
                 "*set-state:[BlkdebugSetStateOptions]",
             ],
