@@ -359,6 +359,14 @@ impl BlockCopy {
             0 => MAX_BUFFER,
             n => n.min(MAX_BUFFER),
         };
+        // No larger than either end takes in one request, as QEMU's block-copy cuts its
+        // tasks (a blkdebug `max-transfer` shows in the progress of a failed copy).
+        let transfer = source
+            .node()
+            .facts()
+            .max_transfer
+            .min(target.node().facts().max_transfer);
+        let chunk = chunk.min(u64::from(transfer));
         let chunk = if opts.compress {
             cluster
         } else {

@@ -2038,6 +2038,118 @@ fn blkdebug_events_fire_where_qemus_do() {
     common::assert_same_as_qsd(run_blkdebug_events);
 }
 
+/// blkdebug's request limits as in QEMU: negative values and unmeetable constraints refused
+/// with its messages, the node named by its options, and backups whose zero writes meet
+/// `opt-write-zero` (a shorter piece becomes a write) and `max-transfer` (the copy's tasks
+/// shrink to it, so a failed one leaves QEMU's progress).
+fn run_blkdebug_limits(program: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path();
+    common::qemu_img(&["create", "-f", "raw", "s.raw", "4M"], p);
+    // Holes at 1088k (64 KiB, not 128 KiB-aligned) and at 2M (256 KiB).
+    qemu_io(
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 3 0 1088k",
+            "-c",
+            "write -P 3 1152k 896k",
+            "-c",
+            "write -P 3 2304k 1792k",
+            "s.raw",
+        ],
+        p,
+    );
+    for t in ["t.raw", "t1.raw", "t2.raw", "t3.raw"] {
+        common::qemu_img(&["create", "-f", "raw", t, "4M"], p);
+    }
+    let d = Daemon::start(program, &[], dir);
+    let mut c = d.client();
+    let mut out = Vec::new();
+    let o = &mut out;
+    let debug = |name: &str, file: &str, extra: Value| {
+        let mut v = json!({"driver": "blkdebug", "node-name": name,
+                           "image": {"driver": "file", "filename": file}});
+        if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        v
+    };
+    for extra in [
+        json!({"align": -1}),
+        json!({"max-transfer": -512}),
+        json!({"align": 3}),
+        json!({"align": 4096, "max-transfer": 1000}),
+        json!({"max-transfer": 2147483647}),
+        json!({"align": 4096, "opt-write-zero": 512}),
+        json!({"align": 4096, "max-write-zero": 8192, "opt-write-zero": 16384}),
+        json!({"opt-discard": 1024, "max-discard": 1536}),
+        json!({"max-discard": 3000000000u64}),
+    ] {
+        step(
+            &mut c,
+            o,
+            "blockdev-add",
+            debug("bad", "t.raw", extra),
+            None,
+        );
+    }
+    let all = json!({"align": 512, "max-transfer": 4096, "opt-write-zero": 1024,
+                     "max-write-zero": 8192, "opt-discard": 2048, "max-discard": 65536});
+    step(&mut c, o, "blockdev-add", debug("all", "t.raw", all), None);
+    let raw = |name: &str, file: Value| json!({"driver": "raw", "node-name": name, "file": file});
+    let src = raw("s", json!({"driver": "file", "filename": "s.raw"}));
+    step(&mut c, o, "blockdev-add", src, None);
+    let rule = |iotype: &str, sector: Option<u64>| {
+        let mut r = json!({"event": "pwritev_zero", "iotype": iotype});
+        if let Some(s) = sector {
+            r["sector"] = json!(s);
+        }
+        json!([r])
+    };
+    let targets = [
+        (
+            "t1",
+            json!({"opt-write-zero": 131072, "inject-error": rule("write-zeroes", None)}),
+        ),
+        (
+            "t2",
+            json!({"opt-write-zero": 131072, "inject-error": rule("write", Some(2176))}),
+        ),
+        (
+            "t3",
+            json!({"align": 4096, "max-transfer": 65536, "max-write-zero": 65536,
+                      "inject-error": rule("write-zeroes", Some(4352))}),
+        ),
+    ];
+    for (name, extra) in targets {
+        let file = debug(&format!("d{name}"), &format!("{name}.raw"), extra);
+        step(&mut c, o, "blockdev-add", raw(name, file), None);
+    }
+    step(
+        &mut c,
+        o,
+        "query-named-block-nodes",
+        json!({"flat": true}),
+        None,
+    );
+    for (job, target) in [("j1", "t1"), ("j2", "t2"), ("j3", "t3")] {
+        let backup = json!({"job-id": job, "device": "s", "target": target, "sync": "full"});
+        out.push(canon(&c.cmd("blockdev-backup", backup)));
+        // Every chunk but the failed one lands: the progress tells how the copy was cut.
+        let mut seen = Vec::new();
+        let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
+        out.push(format!("  {}", canon(&done["data"])));
+    }
+    out
+}
+
+#[test]
+fn blkdebug_limits_are_qemus() {
+    common::assert_same_as_qsd(run_blkdebug_limits);
+}
+
 /// A slow target: a `throttle` node whose `throttle-group` limits writes to 4 MiB/s. The
 /// object commands answer as qsd's, and a backup of 4 MiB through the node takes most of a
 /// second on both daemons and copies the disk.
