@@ -720,28 +720,12 @@ fn check_builtin(b: Builtin, value: &mut Value, path: &Path, keyval: bool) -> Qm
         (Builtin::Number, Value::Number(_)) => true,
         (Builtin::Int, Value::Number(n)) => n.is_i64() || n.is_u64() && n.as_i64().is_some(),
         (Builtin::Uint32, Value::Number(n)) => {
-            if n.as_u64().is_some_and(|v| v <= u64::from(u32::MAX)) {
-                true
-            } else if n.is_i64() || n.is_u64() {
-                return Err(QmpError::generic(format!(
-                    "Parameter '{}' expects uint32_t",
-                    path.full()
-                )));
-            } else {
-                false
-            }
+            let fits = n.as_u64().is_some_and(|v| u32::try_from(v).is_ok());
+            in_range(n, fits, "uint32_t", path)?
         }
         (Builtin::Int32, Value::Number(n)) => {
-            if n.as_i64().is_some_and(|v| i32::try_from(v).is_ok()) {
-                true
-            } else if n.is_i64() || n.is_u64() {
-                return Err(QmpError::generic(format!(
-                    "Parameter '{}' expects int32_t",
-                    path.full()
-                )));
-            } else {
-                false
-            }
+            let fits = n.as_i64().is_some_and(|v| i32::try_from(v).is_ok());
+            in_range(n, fits, "int32_t", path)?
         }
         (Builtin::Uint | Builtin::Size, Value::Number(n)) if n.is_i64() && !n.is_u64() => {
             return Err(QmpError::generic(format!(
@@ -756,6 +740,21 @@ fn check_builtin(b: Builtin, value: &mut Value, path: &Path, keyval: bool) -> Qm
         Ok(())
     } else {
         Err(invalid_type(path, b.expected()))
+    }
+}
+
+/// A sized integer type's check: an integer outside its range gets QEMU's "expects" error; a
+/// non-integer number is the wrong type (`Ok(false)`).
+fn in_range(n: &Number, fits: bool, type_name: &str, path: &Path) -> QmpResult<bool> {
+    if fits {
+        Ok(true)
+    } else if n.is_i64() || n.is_u64() {
+        Err(QmpError::generic(format!(
+            "Parameter '{}' expects {type_name}",
+            path.full()
+        )))
+    } else {
+        Ok(false)
     }
 }
 
@@ -807,7 +806,15 @@ mod tests {
         s.enumeration("Driver", &["file", "null-co"])
             .enumeration("Event", &["read_aio", "write_aio"])
             .object("File", &["filename:str", "*size:size"])
-            .object("Null", &["*size:size", "*read-zeroes:bool"])
+            .object(
+                "Null",
+                &[
+                    "*size:size",
+                    "*read-zeroes:bool",
+                    "*max:int32",
+                    "*count:uint32",
+                ],
+            )
             .object("Rule", &["event:Event", "*errno:int"])
             .union(
                 "Options",
@@ -841,6 +848,27 @@ mod tests {
 
     fn err(args: Value) -> String {
         check(args).expect_err("must fail").desc
+    }
+
+    #[test]
+    fn sized_integers_take_their_range_only() {
+        let null = |key: &str, v: Value| json!({"driver": "null-co", key: v});
+        assert!(check(null("max", json!(-2147483648i64))).is_ok());
+        assert!(check(null("count", json!(4294967295u64))).is_ok());
+        assert_eq!(
+            err(null("max", json!(3000000000u64))),
+            "Parameter 'max' expects int32_t"
+        );
+        assert_eq!(
+            err(null("count", json!(-1))),
+            "Parameter 'count' expects uint32_t"
+        );
+        assert_eq!(
+            err(null("max", json!(1.5))),
+            "Invalid parameter type for 'max', expected: integer"
+        );
+        let v = check_kv(null("max", json!("-7")), true).expect("keyval");
+        assert_eq!(v["max"], json!(-7));
     }
 
     #[test]
