@@ -366,6 +366,9 @@ struct Scenario {
     delay_us: u64,
     fail_every: u64,
     writes: Vec<(u64, u64, u8, u64)>,
+    /// The job pauses (`true`: the copy's futures are dropped after that many microseconds,
+    /// and it starts again a little later) or is cancelled (`false`: dropped for good).
+    interrupt: Option<(u64, bool)>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -382,6 +385,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             (0u64..1 << 20, 1u64..200_000, any::<u8>(), 0u64..400),
             1..40,
         ),
+        prop_oneof![2 => Just(None), 1 => (0u64..3000, any::<bool>()).prop_map(Some)],
     )
         .prop_map(
             |(
@@ -394,6 +398,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 delay_us,
                 fail_every,
                 writes,
+                interrupt,
             )| Scenario {
                 len_clusters,
                 cluster_shift,
@@ -406,13 +411,15 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 delay_us,
                 fail_every,
                 writes,
+                interrupt,
             },
         )
 }
 
 /// Guest writes race the background copy; the target ends equal to the source as it was when
-/// the copy began, whatever the chunk size, memory budget, worker count, target speed and
-/// target failures.
+/// the copy began, whatever the chunk size, memory budget, worker count, target speed,
+/// target failures and pauses. After a cancel, what the copy counts as copied (in the target,
+/// or held on its way there) is the point in time.
 async fn run_scenario(sc: Scenario) {
     let cluster = 1u64 << sc.cluster_shift;
     let len = sc.len_clusters * cluster;
@@ -450,6 +457,35 @@ async fn run_scenario(sc: Scenario) {
                 .await
                 .expect("guest write");
         });
+    }
+    if let Some((cut_us, resume)) = sc.interrupt {
+        // A pause or a cancel drops the copy's futures wherever they are.
+        let copy = background(&s.bcs, sc.workers);
+        let _ = tokio::time::timeout(Duration::from_micros(cut_us), copy).await;
+        if !resume {
+            while guests.join_next().await.is_some() {}
+            s.bcs.settled().await;
+            let uncopied = s.bcs.uncopied().expect("owner");
+            let got = read_all(&s.target_disk).await;
+            let cluster = s.bcs.cluster_size();
+            for c in (0..len).step_by(cluster as usize) {
+                let end = (c + cluster).min(len);
+                if uncopied.is_dirty(c) {
+                    continue;
+                }
+                let mut have = got[c as usize..end as usize].to_vec();
+                for (at, bytes) in s.bcs.held(c, end - c) {
+                    let from = (at - c) as usize;
+                    have[from..from + bytes.len()].copy_from_slice(&bytes);
+                }
+                assert!(
+                    have == before[c as usize..end as usize],
+                    "cluster {c} counts as copied but is not the point in time"
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_micros(cut_us / 2)).await;
     }
     background(&s.bcs, sc.workers).await;
     while guests.join_next().await.is_some() {}
