@@ -685,14 +685,15 @@ impl Nodes {
                 "Value '{v}' is out of range for parameter '{name}'"
             )));
         }
-        let value = |v: Option<i64>| v.map_or(0, |v| v as u64);
+        let [align, max_transfer, opt_write_zero, max_write_zero, opt_discard, max_discard] =
+            limits.map(|(_, v)| v.map_or(0, |v| v as u64));
         let node_limits = Limits {
-            align: value(opts.align),
-            max_transfer: value(opts.max_transfer.map(i64::from)),
-            opt_write_zero: value(opts.opt_write_zero.map(i64::from)),
-            max_write_zero: value(opts.max_write_zero.map(i64::from)),
-            opt_discard: value(opts.opt_discard.map(i64::from)),
-            max_discard: value(opts.max_discard.map(i64::from)),
+            align,
+            max_transfer,
+            opt_write_zero,
+            max_write_zero,
+            opt_discard,
+            max_discard,
         };
         let spec = EdgeSpec::new(ChildRole::Filtered, Parent::Node(parent.into()));
         // A protocol driver in QEMU: named before it opens its image.

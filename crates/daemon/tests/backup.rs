@@ -77,6 +77,15 @@ fn quit(c: &mut Client, mut d: Daemon) -> tempfile::TempDir {
     std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"))
 }
 
+/// Starts a backup and records its reply and its BLOCK_JOB_COMPLETED data, progress included
+/// (unlike [`step`], which zeroes a job's offset).
+fn backup_to_completion(c: &mut Client, out: &mut Vec<String>, backup: Value) {
+    out.push(canon(&c.cmd("blockdev-backup", backup)));
+    let mut seen = Vec::new();
+    let done = wait_event(c, "BLOCK_JOB_COMPLETED", &mut seen);
+    out.push(format!("  {}", canon(&done["data"])));
+}
+
 /// Waits for `event` (with its data), collecting the events seen meanwhile.
 fn wait_event(client: &mut Client, name: &str, seen: &mut Vec<Value>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -2005,10 +2014,7 @@ fn run_blkdebug_events(program: &Path) -> Vec<String> {
         out.push(format!("{event} {}", canon(&c.cmd("blockdev-add", target))));
         let backup = json!({"job-id": format!("j{i}"), "device": "s",
                             "target": format!("t{i}"), "sync": "full"});
-        out.push(canon(&c.cmd("blockdev-backup", backup)));
-        let mut seen = Vec::new();
-        let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
-        out.push(format!("  {}", canon(&done["data"])));
+        backup_to_completion(&mut c, &mut out, backup);
     }
     // A state machine: the third write of the target's raw node fails, named by its options.
     let machine = json!({"driver": "raw", "node-name": "sm", "file": {"driver": "blkdebug",
@@ -2026,10 +2032,7 @@ fn run_blkdebug_events(program: &Path) -> Vec<String> {
     );
     let backup = json!({"job-id": "sm", "device": "s", "target": "sm", "sync": "full",
                         "x-perf": {"max-workers": 1}});
-    out.push(canon(&c.cmd("blockdev-backup", backup)));
-    let mut seen = Vec::new();
-    let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
-    out.push(format!("  {}", canon(&done["data"])));
+    backup_to_completion(&mut c, &mut out, backup);
     out
 }
 
@@ -2136,11 +2139,8 @@ fn run_blkdebug_limits(program: &Path) -> Vec<String> {
     );
     for (job, target) in [("j1", "t1"), ("j2", "t2"), ("j3", "t3")] {
         let backup = json!({"job-id": job, "device": "s", "target": target, "sync": "full"});
-        out.push(canon(&c.cmd("blockdev-backup", backup)));
         // Every chunk but the failed one lands: the progress tells how the copy was cut.
-        let mut seen = Vec::new();
-        let done = wait_event(&mut c, "BLOCK_JOB_COMPLETED", &mut seen);
-        out.push(format!("  {}", canon(&done["data"])));
+        backup_to_completion(&mut c, o, backup);
     }
     out
 }
